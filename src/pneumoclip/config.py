@@ -1,0 +1,169 @@
+"""Typed settings: each stage loads its own section of params.yaml into a dataclass.
+
+Unknown keys and values of the wrong type fail with a message that names the key, so a typo
+in params.yaml never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """params.yaml does not match the typed settings."""
+
+
+# ---------------------------------------------------------------- stage sections
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyClip:
+    """A random-init CLIP of the real architecture, small enough for a CPU."""
+
+    image_size: int = 64
+    patch_size: int = 8
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    text_hidden: int = 64
+    text_layers: int = 2
+    heads: int = 2
+    projection_dim: int = 64
+    max_text_len: int = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySD:
+    """A random-init Stable Diffusion (UNet, VAE, text encoder) of the real classes."""
+
+    resolution: int = 64
+    unet_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
+    vae_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
+    latent_channels: int = 4
+    text_hidden: int = 32
+    text_layers: int = 2
+    heads: int = 2
+    max_text_len: int = 32
+    train_timesteps: int = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelSource:
+    """`tiny` builds the built-in architecture; anything else is a Hugging Face repo id."""
+
+    source: str = "tiny"
+    revision: str = "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelsParams:
+    seed: int = 0
+    out_dir: str = "models/base"
+    clip: BaseModelSource = dataclasses.field(default_factory=BaseModelSource)
+    sd: BaseModelSource = dataclasses.field(default_factory=BaseModelSource)
+    tiny_clip: TinyClip = dataclasses.field(default_factory=TinyClip)
+    tiny_sd: TinySD = dataclasses.field(default_factory=TinySD)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareParams:
+    data_dir: str = "data"
+    out_dir: str = "artifacts/prepared"
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    seed: int = 0
+    extensions: list[str] = dataclasses.field(default_factory=lambda: [".jpeg", ".jpg", ".png"])
+
+
+SECTIONS: dict[str, type] = {
+    "base_models": BaseModelsParams,
+    "prepare": PrepareParams,
+}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_section(section: str, path: str | Path = DEFAULT_PARAMS) -> Any:
+    """Read one stage's section of params.yaml into its dataclass.
+
+    Only that section is parsed, so a stage never depends on another stage's settings; the
+    top-level names are still checked, so a misspelt section name is caught too.
+    """
+    if section not in SECTIONS:
+        raise ParamsError(f"unknown params section {section!r} (known: {', '.join(SECTIONS)})")
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the project root or pass --params")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ParamsError(
+            f"{path}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})"
+        )
+    return from_dict(SECTIONS[section], raw.get(section) or {}, section)
+
+
+def from_dict(cls: type[T], data: Any, where: str) -> T:
+    """Build dataclass `cls` from a mapping, checking every key and value type."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            raise ParamsError(
+                f"unknown key {where}.{key} (known in {where}: {', '.join(fields)})"
+            )
+    values = {key: _convert(hints[key], value, f"{where}.{key}") for key, value in data.items()}
+    return cls(**values)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, where)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, where)
+            except ParamsError as err:
+                errors.append(str(err))
+        raise ParamsError(errors[0])
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{where} must be a list, got {_show(value)}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where} must be a mapping, got {_show(value)}")
+        _, item = typing.get_args(tp)
+        return {str(k): _convert(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ParamsError(f"{where} must be {tp.__name__}, got {_show(value)}")
+        return value
+    if tp is Any:
+        return value
+    raise ParamsError(f"{where}: unsupported settings type {tp!r}")  # a bug in this module
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
