@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from pneumoclip.base_models import build_base_models, learn_bpe
+from pneumoclip.config import load_section
+
+PROMPTS = [
+    "a chest x-ray of normal lungs",
+    "a chest x-ray of bacterial pneumonia",
+    "a chest x-ray of viral pneumonia",
+]
+
+
+def build(out: Path, seed: int = 0) -> Path:
+    params = load_section("base_models", ROOT / "params.yaml")
+    build_base_models(dataclasses.replace(params, out_dir=str(out), seed=seed))
+    return out
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("base") / "models")
+
+
+def test_same_seed_gives_byte_identical_models(base, tmp_path):
+    again = tree_bytes(build(tmp_path / "again"))
+    first = tree_bytes(base)
+    assert sorted(first) == sorted(again)
+    assert any(name.endswith(".safetensors") for name in first)
+    for name in first:
+        assert first[name] == again[name], name
+
+
+def test_another_seed_gives_other_weights(base, tmp_path):
+    other = tree_bytes(build(tmp_path / "other", seed=1))
+    first = tree_bytes(base)
+    assert other["clip/model.safetensors"] != first["clip/model.safetensors"]
+    assert other["sd/unet/diffusion_pytorch_model.safetensors"] != first[
+        "sd/unet/diffusion_pytorch_model.safetensors"
+    ]
+
+
+def test_no_pickles_only_safetensors(base):
+    weights = [p.name for p in base.rglob("*") if p.suffix in {".bin", ".pt", ".pkl", ".ckpt"}]
+    assert weights == []
+
+
+def test_bpe_learns_each_corpus_word_as_one_token():
+    merges = learn_bpe(["viral", "virus", "bacterial", "viral"])
+    joined = {"".join(m) for m in merges}
+    assert {"viral</w>", "virus</w>", "bacterial</w>"} <= joined
+
+
+def test_class_words_tokenize_to_distinct_known_ids(base):
+    from transformers import CLIPProcessor
+
+    tokenizer = CLIPProcessor.from_pretrained(base / "clip").tokenizer
+    ids = {w: tokenizer(w).input_ids for w in ("normal", "bacterial", "viral", "pneumonia")}
+    for word, seq in ids.items():
+        assert len(seq) == 3, (word, seq)  # <bos> word <eos>: one whole-word token
+        assert seq[0] == tokenizer.bos_token_id and seq[-1] == tokenizer.eos_token_id
+    middle = [seq[1] for seq in ids.values()]
+    assert len(set(middle)) == 4
+    assert tokenizer.unk_token_id not in middle
+
+
+def test_clip_loads_with_from_pretrained_and_class_prompts_embed_differently(base):
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(base / "clip").eval()
+    tokenizer = CLIPProcessor.from_pretrained(base / "clip").tokenizer
+    # The pooling pitfall: the text config must use the tokenizer's own eos id.
+    assert model.config.text_config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.text_config.bos_token_id == tokenizer.bos_token_id
+    with torch.no_grad():
+        out = model.text_model(**tokenizer(PROMPTS, padding=True, return_tensors="pt"))
+    pooled = out.pooler_output
+    distances = torch.cdist(pooled, pooled)
+    off_diagonal = distances[~torch.eye(3, dtype=torch.bool)]
+    assert off_diagonal.min() > 1e-3, distances
+
+
+def test_sd_loads_as_a_diffusers_pipeline_and_generates(base):
+    from diffusers import StableDiffusionPipeline
+
+    params = load_section("base_models", ROOT / "params.yaml")
+    size = params.tiny_sd.resolution
+    pipe = StableDiffusionPipeline.from_pretrained(base / "sd")
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(
+        PROMPTS[0], num_inference_steps=2, height=size, width=size,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (size, size)
+    assert image.mode == "RGB"
