@@ -17,6 +17,7 @@ os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep progress bars from flooding logs
 
 
 def write_xray(path: Path, seed: int, size: int = 32) -> Path:
@@ -57,3 +58,89 @@ def sample_copy(tmp_path: Path) -> Path:
     dest = tmp_path / "sample"
     shutil.copytree(SAMPLE, dest)
     return dest
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc=None) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite store, served artifacts).
+
+    MLFLOW_TRACKING_URI points at it for the whole session, so nothing lands in the repo.
+    """
+    import subprocess
+
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", 90, proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def project_params(root: Path, **sections) -> Path:
+    """A params.yaml under `root` whose outputs stay under `root`; `sections` override keys
+    as {"train_clip": {"epochs": 2}}."""
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["base_models"]["out_dir"] = str(root / "models/base")
+    raw["prepare"] |= {"data_dir": str(SAMPLE), "out_dir": str(root / "prepared")}
+    raw["train_clip"] |= {
+        "base_dir": str(root / "models/base/clip"), "index": str(root / "prepared/index.csv"),
+        "out_dir": str(root / "models/clip-lora"),
+    }
+    raw["evaluate"] |= {
+        "models_dir": str(root / "models/clip-lora"), "base_dir": str(root / "models/base/clip"),
+        "index": str(root / "prepared/index.csv"), "out_dir": str(root / "metrics"),
+    }
+    for section, values in sections.items():
+        raw[section] |= values
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

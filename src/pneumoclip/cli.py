@@ -63,6 +63,83 @@ def prepare_cmd(params_path: str, data_dir: str | None, out_dir: str | None) -> 
     )
 
 
+@main.command("train-clip")
+@params_option
+@click.option("--variant", required=True, help="A key of train_clip.variants (real, control).")
+def train_clip_cmd(params_path: str, variant: str) -> None:
+    """Stage: fine-tune CLIP with LoRA for one variant into models/clip-lora/VARIANT/."""
+    from pneumoclip.train_clip import TrainError, train_variant
+
+    try:
+        summary = train_variant(section("train_clip", params_path), variant)
+    except TrainError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(
+        f"{variant}: best epoch {summary['best_epoch']}/{summary['epochs_run']}, val accuracy "
+        f"{summary['val_accuracy']:.3f}, macro-F1 {summary['val_macro_f1']:.3f}, "
+        f"{summary['train_seconds']:.0f} s"
+    )
+
+
+@main.command("evaluate")
+@params_option
+@click.option("--variant", required=True, help="A trained variant in models/clip-lora/.")
+def evaluate_cmd(params_path: str, variant: str) -> None:
+    """Stage: test metrics, zero-shot reference and plots for one variant into metrics/."""
+    from pneumoclip.evaluate import EvaluateError, evaluate_variant
+
+    try:
+        metrics = evaluate_variant(section("evaluate", params_path), variant)
+    except EvaluateError as err:
+        raise click.ClickException(str(err)) from err
+    test = metrics["test"]
+    recalls = ", ".join(f"{c} {m['recall']:.2f}" for c, m in test["per_class"].items())
+    click.echo(
+        f"{variant}: test accuracy {test['accuracy']:.3f} {fmt_ci(test['accuracy_ci95'])}, "
+        f"macro-F1 {test['macro_f1']:.3f} {fmt_ci(test['macro_f1_ci95'])}, recall {recalls}; "
+        f"zero-shot accuracy {metrics['zero_shot']['accuracy']:.3f}, majority "
+        f"{metrics['majority_baseline']['accuracy']:.3f}"
+    )
+
+
+def fmt_ci(interval: list[float]) -> str:
+    return f"[{interval[0]:.3f}, {interval[1]:.3f}]"
+
+
+@main.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--model", "model_ref", default="models/clip-lora/real", show_default=True,
+              help="A models/clip-lora/VARIANT folder or an MLflow models:/ or runs:/ URI.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
+def predict_cmd(images: tuple[str, ...], model_ref: str, as_json: bool) -> None:
+    """Classify IMAGES; an unreadable file gets its own error line, the rest still run."""
+    import json
+
+    from pneumoclip.predict import predict_files
+
+    try:
+        results = predict_files(list(images), model_ref)
+    except (OSError, ValueError) as err:
+        raise click.ClickException(f"cannot load model {model_ref}: {err}") from err
+    failed = 0
+    if as_json:
+        for row in results:
+            click.echo(json.dumps(row))
+            failed += "error" in row
+    else:
+        classes = next((list(r["probabilities"]) for r in results if "probabilities" in r), [])
+        click.echo("\t".join(["file", "label", *classes]))
+        for row in results:
+            if "error" in row:
+                failed += 1
+                click.echo(f"{row['file']}\terror: {row['error']}")
+            else:
+                probs = [f"{row['probabilities'][c]:.3f}" for c in classes]
+                click.echo("\t".join([row["file"], row["label"], *probs]))
+    if failed:
+        raise SystemExit(2 if failed < len(results) else 1)
+
+
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample"
 
 

@@ -83,9 +83,68 @@ class PrepareParams:
     extensions: list[str] = dataclasses.field(default_factory=lambda: [".jpeg", ".jpg", ".png"])
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraParams:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    # A regex (peft full-matches it against module names) or a list of name suffixes.
+    # A bare `q_proj` would match both towers; name the tower in the pattern.
+    target_modules: str = r".*vision_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentParams:
+    shift: float = 0.05  # fraction of the image
+    scale: float = 0.1  # +- relative zoom
+    rotate: float = 7.0  # +- degrees
+    brightness: float = 0.1  # +- in units of the normalised intensity
+    contrast: float = 0.1  # +- relative
+
+
+@dataclasses.dataclass(frozen=True)
+class VariantParams:
+    balance: bool = False  # class-balanced sampling (the control)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainClipParams:
+    base_dir: str = "models/base/clip"
+    index: str = "artifacts/prepared/index.csv"
+    out_dir: str = "models/clip-lora"
+    seed: int = 0
+    epochs: int = 30
+    patience: int = 6
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 0.002
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    mixed_precision: str = "no"
+    calibrate: bool = True  # fit a softmax temperature on validation
+    lora: LoraParams = dataclasses.field(default_factory=LoraParams)
+    augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
+    prompts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    variants: dict[str, VariantParams] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    models_dir: str = "models/clip-lora"
+    base_dir: str = "models/base/clip"
+    index: str = "artifacts/prepared/index.csv"
+    out_dir: str = "metrics"
+    bootstrap: int = 1000
+    ece_bins: int = 15
+    seed: int = 0
+
+
 SECTIONS: dict[str, type] = {
     "base_models": BaseModelsParams,
     "prepare": PrepareParams,
+    "train_clip": TrainClipParams,
+    "evaluate": EvaluateParams,
 }
 
 

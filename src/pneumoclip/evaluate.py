@@ -1,0 +1,237 @@
+"""`evaluate@VARIANT` stage: test-split metrics, the zero-shot reference, plots, MLflow.
+
+The test split is only ever reported here, never used to choose anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+from tqdm import tqdm
+
+from pneumoclip import tracking
+from pneumoclip.classifier import ClipClassifier, read_image
+from pneumoclip.config import EvaluateParams
+from pneumoclip.prepare import read_index
+
+
+class EvaluateError(RuntimeError):
+    """Evaluation cannot run (no trained model, no test rows)."""
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int) -> float:
+    """Top-label ECE: mean |accuracy - confidence| over equal-width confidence bins."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece)
+
+
+def bootstrap_ci(
+    y: np.ndarray, pred: np.ndarray, groups: list[str], n: int, seed: int
+) -> dict[str, list[float]]:
+    """95% intervals for accuracy and macro-F1, resampling whole patients (not images),
+    since images of one child are not independent."""
+    rng = np.random.default_rng(seed)
+    by_group: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    members = [np.array(v) for v in by_group.values()]
+    acc, f1 = [], []
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        acc.append(accuracy_score(y[idx], pred[idx]))
+        f1.append(f1_score(y[idx], pred[idx], average="macro", zero_division=0))
+    return {
+        "accuracy_ci95": [float(np.percentile(acc, 2.5)), float(np.percentile(acc, 97.5))],
+        "macro_f1_ci95": [float(np.percentile(f1, 2.5)), float(np.percentile(f1, 97.5))],
+    }
+
+
+def classification_metrics(
+    y: np.ndarray, probs: np.ndarray, classes: list[str], groups: list[str],
+    params: EvaluateParams,
+) -> dict:
+    pred = probs.argmax(axis=1)
+    labels = list(range(len(classes)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, pred, labels=labels, zero_division=0
+    )
+    per_class = {}
+    for i, name in enumerate(classes):
+        positives = y == i
+        auroc = (
+            float(roc_auc_score(positives, probs[:, i]))
+            if 0 < positives.sum() < len(y) else None
+        )
+        per_class[name] = {
+            "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+            "auroc": auroc, "support": int(support[i]),
+        }
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
+        "ece": expected_calibration_error(y, probs, params.ece_bins),
+        **bootstrap_ci(y, pred, groups, params.bootstrap, params.seed),
+        "per_class": per_class,
+    }
+
+
+# ---------------------------------------------------------------- plots
+
+
+def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str):
+    """DVC plot data (CSV) and the same figures as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    pred = probs.argmax(axis=1)
+    with open(out / "confusion.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["actual", "predicted"])
+        writer.writerows([classes[a], classes[p]] for a, p in zip(y, pred, strict=True))
+    with open(out / "roc.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class", "fpr", "tpr"])
+        for i, name in enumerate(classes):
+            if 0 < (y == i).sum() < len(y):
+                fpr, tpr, _ = roc_curve(y == i, probs[:, i])
+                writer.writerows(
+                    [name, f"{a:.5f}", f"{b:.5f}"] for a, b in zip(fpr, tpr, strict=True)
+                )
+
+    matrix = confusion_matrix(y, pred, labels=list(range(len(classes))))
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        ax.text(j, i, str(value), ha="center", va="center", color=color)
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(f"{title}: confusion (test)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(4.6, 4))
+    for i, name in enumerate(classes):
+        if 0 < (y == i).sum() < len(y):
+            fpr, tpr, _ = roc_curve(y == i, probs[:, i])
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y == i, probs[:, i]):.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"{title}: one-vs-rest ROC (test)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "roc.png", dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def load_images(paths: list[str], desc: str) -> list:
+    return [read_image(p) for p in tqdm(paths, desc=desc, unit="img")]
+
+
+def zero_shot(params: EvaluateParams, prompts: dict, images: list, y: np.ndarray) -> dict:
+    """The un-tuned base with the same prompts: the reference row."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    base = CLIPModel.from_pretrained(params.base_dir).eval()
+    processor = CLIPProcessor.from_pretrained(params.base_dir)
+    pred = ClipClassifier.from_parts(base, processor, prompts).predict_proba(images).argmax(1)
+    return {
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
+    }
+
+
+def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
+    model_dir = Path(params.models_dir) / variant
+    if not (model_dir / "pneumoclip.json").is_file():
+        raise EvaluateError(
+            f"no trained model in {model_dir}; run `dvc repro train_clip@{variant}`"
+        )
+    classifier = ClipClassifier.load(model_dir, base_dir=params.base_dir)
+    classes = classifier.classes
+    meta = json.loads((model_dir / "pneumoclip.json").read_text())
+    rows = read_index(params.index)
+    test = [r for r in rows if r["split"] == "test"]
+    if not test:
+        raise EvaluateError(f"{params.index} has no test rows")
+    images = load_images([r["path"] for r in test], f"{variant}: test images")
+    y = np.array([classes.index(r["label"]) for r in test])
+    probs = classifier.predict_proba(images)
+
+    train_labels = [r["label"] for r in rows if r["split"] == "train"]
+    majority = max(set(train_labels), key=train_labels.count)
+    val = json.loads((model_dir / "val_metrics.json").read_text())
+    metrics = {
+        "variant": variant,
+        "test": classification_metrics(y, probs, classes, [r["patient_id"] for r in test], params),
+        "val": {"accuracy": val["val_accuracy"], "macro_f1": val["val_macro_f1"]},
+        "zero_shot": zero_shot(params, meta["prompts"], images, y),
+        "majority_baseline": {
+            "label": majority, "accuracy": float(np.mean(y == classes.index(majority)))
+        },
+    }
+    out = Path(params.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{variant}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_plots(out / variant, y, probs, classes, variant)
+    log_to_run(model_dir, variant, metrics, out)
+    return metrics
+
+
+def log_to_run(model_dir: Path, variant: str, metrics: dict, out: Path) -> None:
+    """Add the test metrics and plots to the variant's training run (or a new run if the
+    store no longer has it, e.g. after switching MLFLOW_TRACKING_URI)."""
+    mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
+    run_file = model_dir / "mlflow_run.json"
+    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    try:
+        if run_id:
+            mlflow.get_run(run_id)
+    except Exception:  # the store does not know this run
+        run_id = None
+    test = metrics["test"]
+    flat = {f"test_{k}": v for k, v in test.items() if isinstance(v, float)}
+    flat |= {f"test_recall_{c}": m["recall"] for c, m in test["per_class"].items()}
+    flat |= {"zero_shot_accuracy": metrics["zero_shot"]["accuracy"],
+             "zero_shot_macro_f1": metrics["zero_shot"]["macro_f1"]}
+    tags = tracking.run_tags(f"evaluate@{variant}", variant)
+    with mlflow.start_run(run_id=run_id, run_name=variant if not run_id else None,
+                          tags=None if run_id else tags):
+        mlflow.log_metrics(flat)
+        mlflow.log_artifact(str(out / f"{variant}.json"), "evaluation")
+        for name in ("confusion.png", "roc.png"):
+            mlflow.log_artifact(str(out / variant / name), "evaluation")

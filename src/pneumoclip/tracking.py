@@ -1,0 +1,151 @@
+"""MLflow: where runs go, how they are tagged, and the classifier as an `mlflow.pyfunc` model."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+import yaml
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+CLASSIFIER_EXPERIMENT = "pneumoclip-classifier"
+SD_EXPERIMENT = "pneumoclip-sd-lora"
+PYFUNC_ARTIFACT = "model_dir"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def setup(experiment: str):
+    """Point mlflow at the store and experiment; returns the mlflow module."""
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None
+        if tracking_uri().startswith("sqlite:"):  # keep artifacts beside the store
+            location = Path("mlartifacts").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        return out + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_hash(dvc_file: str | Path = "data.dvc") -> str:
+    """The md5 DVC recorded for a tracked folder (what `dvc status` compares against)."""
+    try:
+        outs = yaml.safe_load(Path(dvc_file).read_text())["outs"]
+        return str(outs[0]["md5"])
+    except (OSError, KeyError, IndexError, TypeError):
+        return "untracked"
+
+
+def run_tags(stage: str, variant: str | None = None) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "dvc_stage": stage, "data_dvc_md5": dvc_hash()}
+    if variant:
+        tags["variant"] = variant
+    return tags
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """{'a': {'b': 1}} -> {'a.b': '1'}, for mlflow.log_params."""
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out |= flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): json.dumps(data) if isinstance(data, list) else str(data)}
+
+
+# ---------------------------------------------------------------- the pyfunc model
+
+
+class PneumoclipModel(mlflow.pyfunc.PythonModel):
+    """mlflow.pyfunc model: a DataFrame with an `image` column of encoded image bytes in;
+    one row per image out, with `label` and `prob_<CLASS>` columns."""
+
+    def load_context(self, context) -> None:
+        from pneumoclip.classifier import ClipClassifier
+
+        self.classifier = ClipClassifier.load(context.artifacts[PYFUNC_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        from pneumoclip.classifier import read_image
+
+        images = [read_image(bytes(b)) for b in model_input["image"]]
+        probs = self.classifier.predict_proba(images)
+        classes = self.classifier.classes
+        out = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+        out.insert(0, "label", [classes[i] for i in probs.argmax(axis=1)])
+        return out
+
+
+def log_classifier(mlflow, model_dir: Path, example_image: bytes, classes: list[str]):
+    """Log models/clip-lora/VARIANT as a self-contained pyfunc model; returns its model info.
+
+    A tiny base is copied in (it is small); a hub base stays a reference (id + revision).
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from pneumoclip.classifier import META_FILE
+
+    meta = json.loads((model_dir / META_FILE).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / "classifier"
+        shutil.copytree(model_dir, bundle, ignore=shutil.ignore_patterns("mlflow_run.json"))
+        if meta.get("base_is_tiny"):
+            shutil.copytree(meta["base"], bundle / "base")
+        signature = ModelSignature(
+            inputs=Schema([ColSpec("binary", "image")]),
+            outputs=Schema(
+                [ColSpec("string", "label")] + [ColSpec("double", f"prob_{c}") for c in classes]
+            ),
+        )
+        return mlflow.pyfunc.log_model(
+            name="classifier",
+            python_model=PneumoclipModel(),
+            artifacts={PYFUNC_ARTIFACT: str(bundle)},
+            signature=signature,
+            input_example=pd.DataFrame({"image": [example_image]}),
+            pip_requirements=requirements(),
+        )
+
+
+def requirements() -> list[str]:
+    """The serving requirements, pinned to what is installed (no slow env inference)."""
+    from importlib.metadata import version
+
+    names = ["torch", "transformers", "peft", "pillow", "pandas", "numpy", "mlflow"]
+    return [f"{n}=={version(n).split('+')[0]}" for n in names]
+
+
+def image_bytes(path: str | Path) -> bytes:
+    """PNG bytes of an image file, as the pyfunc model and the service take them."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
