@@ -140,6 +140,62 @@ def predict_cmd(images: tuple[str, ...], model_ref: str, as_json: bool) -> None:
         raise SystemExit(2 if failed < len(results) else 1)
 
 
+@main.command("register")
+@params_option
+def register_cmd(params_path: str) -> None:
+    """Stage: register the best variant (by validation macro-F1); move @champion if it wins."""
+    from pneumoclip.register import RegistryError, register
+
+    try:
+        result = register(section("register", params_path))
+    except RegistryError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(
+        f"registered {result['model_name']} version {result['version']} ({result['variant']}); "
+        f"@{result['alias']} -> version {result['champion_version']}: {result['reason']}"
+    )
+
+
+@main.group("registry")
+def registry_group() -> None:
+    """Inspect the MLflow Model Registry."""
+
+
+@registry_group.command("show")
+@params_option
+def registry_show_cmd(params_path: str) -> None:
+    """Print every version of the registered classifier with its aliases and metrics."""
+    from pneumoclip.register import RegistryError, show
+
+    name = section("register", params_path).model_name
+    try:
+        rows = show(name)
+    except RegistryError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"{name}:")
+    click.echo("\t".join(rows[0]))
+    for row in rows:
+        click.echo("\t".join(str(v) for v in row.values()))
+
+
+@main.group("bento")
+def bento_group() -> None:
+    """Package the @champion classifier as a Bento."""
+
+
+@bento_group.command("build")
+@params_option
+def bento_build_cmd(params_path: str) -> None:
+    """Import models:/NAME@champion into the BentoML store and run `bentoml build`."""
+    from pneumoclip.serving import ServingError, build_bento
+
+    try:
+        tag = build_bento(section("serve", params_path))
+    except ServingError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"built Bento {tag}; serve it with: bentoml serve {tag.split()[0]}")
+
+
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample"
 
 

@@ -140,11 +140,36 @@ class EvaluateParams:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class RegisterParams:
+    models_dir: str = "models/clip-lora"
+    metrics_dir: str = "metrics"
+    variants: list[str] = dataclasses.field(default_factory=list)  # candidates
+    model_name: str = "pneumoclip-classifier"
+    alias: str = "champion"
+    out: str = "artifacts/registry.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeParams:
+    model_name: str = "pneumoclip-classifier"
+    alias: str = "champion"
+    bento_name: str = "pneumoclip"
+    max_pixels: int = 4_000_000  # decompression-bomb guard per image
+    max_bytes: int = 10_000_000  # per uploaded file
+    max_request_bytes: int = 50_000_000  # per request body (413 past it)
+    max_batch_images: int = 32  # per /classify_batch request
+    max_batch_size: int = 32  # adaptive batching: images per forward pass
+    max_latency_ms: int = 200  # adaptive batching: the longest a request waits
+
+
 SECTIONS: dict[str, type] = {
     "base_models": BaseModelsParams,
     "prepare": PrepareParams,
     "train_clip": TrainClipParams,
     "evaluate": EvaluateParams,
+    "register": RegisterParams,
+    "serve": ServeParams,
 }
 
 

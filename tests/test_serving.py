@@ -1,0 +1,160 @@
+"""The Bento over real HTTP: `pneumoclip bento build`, then `bentoml serve` on 127.0.0.1,
+with the champion registered in the session's real MLflow server."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from conftest import BIN, ROOT, SAMPLE, cli, free_port, wait_http
+from PIL import Image
+
+from pneumoclip.classifier import ClipClassifier, read_image
+from pneumoclip.config import load_section
+
+SETTINGS = load_section("serve", ROOT / "params.yaml")
+XRAY = sorted((SAMPLE / "chest_xray/train/PNEUMONIA").glob("*virus*.jpeg"))[0]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def start_server(target: str, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "bentoml"), "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    )
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def bento(trained, tmp_path_factory):
+    """Register the trained model, build the Bento, serve it; yields its URL."""
+    home = tmp_path_factory.mktemp("bentoml")
+    env = dict(os.environ, BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True")
+    cli("register", "--params", str(trained["params"]))
+    registry = json.loads(Path(trained["root"] / "registry.json").read_text())
+    built = cli("bento", "build", "--params", str(trained["params"]), env=env)
+    assert "built Bento pneumoclip:" in built.stdout
+    proc, url = start_server("pneumoclip:latest", env, home / "serve.log")
+    try:
+        wait_http(f"{url}/readyz", 180, proc)
+    except Exception:
+        proc.kill()
+        raise RuntimeError((home / "serve.log").read_text()[-4000:]) from None
+    yield {"url": url, "registry": registry, "env": env, "home": home, "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def classify(bento, data: bytes, content_type: str = "image/png", field: str = "image"):
+    return requests.post(f"{bento['url']}/classify",
+                         files={field: ("x.png", data, content_type)}, timeout=60)
+
+
+def test_ready_reports_the_champion_name_and_version(bento):
+    answer = requests.post(f"{bento['url']}/ready", timeout=30)
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["model"] == SETTINGS.model_name
+    assert body["model_version"] == str(bento["registry"]["champion_version"])
+    assert body["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "JPEG"])
+def test_every_image_mode_is_classified(bento, mode):
+    gray = Image.open(XRAY).convert("L")
+    if mode == "JPEG":
+        data, content_type = XRAY.read_bytes(), "image/jpeg"
+    elif mode == "I;16":
+        data = png(Image.fromarray(np.asarray(gray).astype(np.uint16) * 257))
+        content_type = "image/png"
+    else:
+        data, content_type = png(gray.convert(mode)), "image/png"
+    answer = classify(bento, data, content_type)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["label"] in {"NORMAL", "BACTERIA", "VIRUS"}
+    assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert body["model_version"] == str(bento["registry"]["champion_version"])
+
+
+def test_http_answers_equal_the_in_process_model(bento, trained):
+    local = ClipClassifier.load(trained["model"])
+    paths = sorted((SAMPLE / "chest_xray/train").rglob("*.jpeg"))[::40][:6]
+    expected = local.predict([read_image(p) for p in paths])
+    for path, want in zip(paths, expected, strict=True):
+        got = classify(bento, path.read_bytes(), "image/jpeg").json()
+        assert got["label"] == want["label"]
+        for c, p in want["probabilities"].items():
+            assert got["probabilities"][c] == pytest.approx(p, abs=1e-4)
+    batch = requests.post(f"{bento['url']}/classify_batch", timeout=60, files=[
+        ("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths])
+    assert batch.status_code == 200, batch.text
+    assert [r["label"] for r in batch.json()] == [w["label"] for w in expected]
+
+
+def test_bad_input_gets_a_4xx_that_says_what_is_wrong(bento):
+    good = XRAY.read_bytes()
+    over = png(Image.new("L", (2001, 2001)))  # 4,004,001 pixels, over the 4,000,000 limit
+    too_many = [("images", (f"{i}.jpeg", good, "image/jpeg"))
+                for i in range(SETTINGS.max_batch_images + 1)]
+    cases = [
+        (requests.post(f"{bento['url']}/classify", timeout=30), 400, "Field required"),
+        (classify(bento, b""), 400, "empty image (0 bytes)"),
+        (classify(bento, b"hello, not an image"), 400, "not a readable image"),
+        (classify(bento, good[: len(good) // 2], "image/jpeg"), 400, "image file is truncated"),
+        (classify(bento, over), 400, "over the limit of 4,000,000 pixels"),
+        (classify(bento, good, "text/plain"), 400, "Invalid content type text/plain"),
+        (classify(bento, good, field="file"), 400, "unexpected multipart field 'file'"),
+        (requests.post(f"{bento['url']}/classify", json={"image": "x"}, timeout=30), 400,
+         "Invalid file type"),
+        (requests.post(f"{bento['url']}/classify_batch", files=too_many, timeout=60), 400,
+         f"{SETTINGS.max_batch_images + 1} images in one request; the limit is "
+         f"{SETTINGS.max_batch_images}"),
+    ]
+    for i, (answer, status, message) in enumerate(cases):
+        assert answer.status_code == status, (i, answer.status_code, answer.text)
+        assert message in answer.text, (i, answer.text)
+    # nothing above hurt the worker: it still answers
+    assert classify(bento, good, "image/jpeg").status_code == 200
+    assert bento["proc"].poll() is None
+
+
+def test_bento_build_without_a_champion_fails_naming_the_alias(trained, tmp_path):
+    raw = yaml.safe_load(Path(trained["params"]).read_text())
+    name = f"nobody-{uuid.uuid4().hex[:6]}"
+    raw["serve"]["model_name"] = name
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path / "home"))
+    out = cli("bento", "build", "--params", str(params), check=False, env=env)
+    assert out.returncode == 1
+    assert f"no @champion for registered model '{name}'" in out.stderr
+
+
+def test_service_start_up_without_the_model_fails_fast_naming_the_alias(tmp_path):
+    env = dict(os.environ, BENTOML_HOME=str(tmp_path / "empty-home"))
+    proc, _ = start_server("service:Pneumoclip", env, tmp_path / "serve.log")
+    try:
+        assert proc.wait(120) != 0
+    finally:
+        proc.kill()
+    log = (tmp_path / "serve.log").read_text()
+    assert "no 'pneumoclip-classifier' in the BentoML model store" in log
+    assert "models:/pneumoclip-classifier@champion" in log
