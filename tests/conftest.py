@@ -144,3 +144,34 @@ def project_params(root: Path, **sections) -> Path:
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+EPOCHS = 4  # enough to see the loss fall on the sample, quick on a CPU
+
+
+def cli(*args: str, check: bool = True, **kw):
+    """Run the real `pneumoclip` console script from the project root."""
+    import subprocess
+
+    proc = subprocess.run(["pneumoclip", *args], cwd=ROOT, capture_output=True, text=True, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, mlflow_server):
+    """Base models, the prepared sample and a `real` model trained for a few epochs and
+    evaluated, all logged to the session's MLflow server."""
+    root = tmp_path_factory.mktemp("clf")
+    params = project_params(
+        root, train_clip={"epochs": EPOCHS, "patience": 10}, evaluate={"bootstrap": 200},
+        register={"models_dir": str(root / "models/clip-lora"),
+                  "metrics_dir": str(root / "metrics"), "variants": ["real"],
+                  "out": str(root / "registry.json")},
+    )
+    cli("base-models", "--params", str(params))
+    cli("prepare", "--params", str(params))
+    out = cli("train-clip", "--params", str(params), "--variant", "real")
+    return {"root": root, "params": params, "model": root / "models/clip-lora/real",
+            "log": out.stdout + out.stderr, "uri": mlflow_server}

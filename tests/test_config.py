@@ -78,7 +78,8 @@ def test_int_is_accepted_where_a_float_is_expected(tmp_path):
 def test_each_dvc_stage_declares_exactly_its_own_params_section():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        section = name.split("@")[0]
+        stage = stage.get("do", stage)  # foreach stages: one per variant
+        section = name
         assert stage["params"] == [section], name
         assert stage["cmd"].split()[1] == section.replace("_", "-"), name
 
@@ -89,3 +90,25 @@ def test_help_lists_the_stages():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in stages:
         assert name.replace("_", "-") in result.output
+
+
+def test_register_sees_every_variant_that_dvc_trains():
+    params = yaml.safe_load(PARAMS.read_text())
+    variants = list(params["train_clip"]["variants"])
+    assert params["register"]["variants"] == variants
+    deps = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["register"]["deps"]
+    for variant in variants:
+        assert f"${{register.models_dir}}/{variant}" in deps, variant
+        assert f"${{register.metrics_dir}}/{variant}.json" in deps, variant
+
+
+def test_bentofile_pins_match_the_constraints():
+    pins = dict(
+        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if "==" in line
+    )
+    pins = {k.lower(): v for k, v in pins.items()}
+    packages = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
+    for package in packages:
+        name, version = package.split("==")
+        assert pins[name.lower()] == version, package

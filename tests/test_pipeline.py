@@ -20,7 +20,7 @@ def run(*args: str, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, mlflow_server) -> Path:
     """A fresh clone in miniature: the project's files, a new git repo, no data, no cache."""
     dest = tmp_path_factory.mktemp("clone")
     for rel in PROJECT_FILES:
@@ -43,24 +43,44 @@ def test_bundled_sample_is_exactly_what_data_dvc_tracks(project):
     assert "up to date" in run("dvc", "status", "data.dvc", cwd=project)
 
 
+def all_stages(project: Path) -> set[str]:
+    stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
+    variants = yaml.safe_load((project / "params.yaml").read_text())["train_clip"]["variants"]
+    return {f"{name}@{v}" if "foreach" in stage else name
+            for name, stage in stages.items() for v in variants}
+
+
+def lock_entry(lock_text: str, stage: str) -> dict:
+    return yaml.safe_load(lock_text)["stages"][stage]
+
+
 def test_repro_builds_everything_then_does_nothing(project):
     log = run("dvc", "repro", cwd=project)
-    stages = set(yaml.safe_load((project / "dvc.yaml").read_text())["stages"])
-    assert stages_run(log) == stages
+    assert stages_run(log) == all_stages(project)
     assert (project / "artifacts/prepared/index.csv").is_file()
     assert (project / "models/base/clip/model.safetensors").is_file()
     assert (project / "models/base/sd/unet/diffusion_pytorch_model.safetensors").is_file()
+    for variant in ("real", "control"):
+        assert (project / f"models/clip-lora/{variant}/adapter_model.safetensors").is_file()
+        assert (project / f"metrics/{variant}/confusion.png").is_file()
     assert "up to date" in run("dvc", "status", cwd=project)
-    # the committed dvc.lock is exactly what a fresh machine rebuilds: nothing stale
-    assert (project / "dvc.lock").read_text() == (ROOT / "dvc.lock").read_text()
+    # the committed dvc.lock is what a fresh machine rebuilds for the deterministic stages
+    for stage in ("base_models", "prepare"):
+        assert lock_entry((project / "dvc.lock").read_text(), stage) == lock_entry(
+            (ROOT / "dvc.lock").read_text(), stage
+        ), stage
     assert stages_run(run("dvc", "repro", cwd=project)) == set()
+    shown = run("dvc", "metrics", "show", cwd=project)
+    assert "metrics/real.json" in shown and "metrics/control.json" in shown
+    assert "test.macro_f1" in shown
 
 
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("prepare", "val_fraction", 0.2, {"prepare"}),
-        ("base_models", "seed", 1, {"base_models"}),
+        ("evaluate", "bootstrap", 50, {"evaluate@real", "evaluate@control"}),
+        ("train_clip", "epochs", 2,
+         {"train_clip@real", "train_clip@control", "evaluate@real", "evaluate@control"}),
     ],
 )
 def test_changing_a_param_reruns_exactly_the_stages_that_read_it(

@@ -62,6 +62,8 @@ def read_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
         raise
     except Image.DecompressionBombError as err:
         raise ImageError(f"image too large: {err}") from err
+    except Image.UnidentifiedImageError as err:
+        raise ImageError("not a readable image: not PNG, JPEG or another known format") from err
     except Exception as err:  # PIL raises many types for broken data
         raise ImageError(f"not a readable image: {err}") from err
 
@@ -122,9 +124,17 @@ class ClipClassifier:
 
         model_dir = Path(model_dir)
         meta = json.loads((model_dir / META_FILE).read_text())
+        revision = None
         if base_dir is None:
-            base_dir = model_dir / "base" if (model_dir / "base").is_dir() else meta["base"]
-        revision = meta.get("base_revision") if base_dir == meta["base"] else None
+            if (model_dir / "base").is_dir():
+                base_dir = model_dir / "base"
+            elif Path(meta["base"]).is_dir():
+                base_dir = meta["base"]
+            elif not meta["base_is_tiny"]:  # a hub base: fetch it by id and revision
+                base_dir, revision = meta["base_source"], meta["base_revision"]
+            else:
+                raise FileNotFoundError(f"the tiny base {meta['base']} of {model_dir} is gone; "
+                                        "rebuild it with `dvc repro base_models`")
         clip = CLIPModel.from_pretrained(str(base_dir), revision=revision)
         if (model_dir / "adapter_config.json").is_file():
             clip = PeftModel.from_pretrained(clip, str(model_dir)).merge_and_unload()

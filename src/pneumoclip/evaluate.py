@@ -193,7 +193,7 @@ def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
     probs = classifier.predict_proba(images)
 
     train_labels = [r["label"] for r in rows if r["split"] == "train"]
-    majority = max(set(train_labels), key=train_labels.count)
+    majority = max(classes, key=train_labels.count)  # ties: the first class wins
     val = json.loads((model_dir / "val_metrics.json").read_text())
     metrics = {
         "variant": variant,

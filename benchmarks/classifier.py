@@ -1,0 +1,224 @@
+"""Benchmark: the default CPU profile on the full shared Kermany images.
+
+    python benchmarks/classifier.py --data ../shared/data
+
+Prepares patient-grouped train/val/test splits of the 5,206 images, builds the tiny bases,
+trains and evaluates every classifier variant of params.yaml plus a plain small CNN trained
+from scratch on the same split (the reference the CLIP path must meet or beat), and prints
+test accuracy and macro-F1 with 95% patient-bootstrap intervals, per-class recall, training
+wall time and peak memory. Each model trains in its own process, so peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pneumoclip.classifier import read_image
+from pneumoclip.config import load_section
+from pneumoclip.evaluate import classification_metrics
+from pneumoclip.prepare import CLASSES, read_index
+from pneumoclip.train_clip import augment, scores
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def paths(work: Path) -> dict:
+    return {
+        "base": work / "models/base", "index": work / "prepared/index.csv",
+        "models": work / "models/clip-lora", "metrics": work / "metrics",
+    }
+
+
+def setup(data: Path, work: Path, params_file: Path) -> None:
+    from pneumoclip.base_models import build_base_models
+    from pneumoclip.prepare import prepare, render_report
+
+    p = paths(work)
+    report = prepare(dataclasses.replace(
+        load_section("prepare", params_file), data_dir=str(data), out_dir=str(p["index"].parent)
+    ))
+    print(render_report(report).split("\nDuplicates")[0], flush=True)
+    build_base_models(dataclasses.replace(
+        load_section("base_models", params_file), out_dir=str(p["base"])
+    ))
+
+
+def run_clip(variant: str, work: Path, params_file: Path) -> dict:
+    from pneumoclip.evaluate import evaluate_variant
+    from pneumoclip.train_clip import train_variant
+
+    p = paths(work)
+    train = dataclasses.replace(
+        load_section("train_clip", params_file), base_dir=str(p["base"] / "clip"),
+        index=str(p["index"]), out_dir=str(p["models"]),
+    )
+    started = time.perf_counter()
+    summary = train_variant(train, variant)
+    seconds = time.perf_counter() - started
+    evaluation = dataclasses.replace(
+        load_section("evaluate", params_file), models_dir=str(p["models"]),
+        base_dir=str(p["base"] / "clip"), index=str(p["index"]), out_dir=str(p["metrics"]),
+    )
+    metrics = evaluate_variant(evaluation, variant)
+    return {"name": f"CLIP LoRA {variant}", "test": metrics["test"], "seconds": seconds,
+            "train_seconds": summary["train_seconds"], "val_macro_f1": summary["val_macro_f1"],
+            "epochs": f"{summary['best_epoch']}/{summary['epochs_run']}",
+            "zero_shot": metrics["zero_shot"], "majority": metrics["majority_baseline"],
+            "peak_mb": peak_mb()}
+
+
+# ---------------------------------------------------------------- the CNN reference
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, classes: int, width: int = 32):
+        super().__init__()
+        layers, channels = [], 1
+        for out in (width, 2 * width, 4 * width, 4 * width):
+            layers += [nn.Conv2d(channels, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.Conv2d(out, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            channels = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(channels, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def load_gray(rows: list[dict], size: int) -> torch.Tensor:
+    arrays = [np.asarray(read_image(r["path"]).convert("L").resize((size, size))) for r in rows]
+    x = torch.from_numpy(np.stack(arrays)).float().div(255).unsqueeze(1)
+    return (x - 0.5) / 0.25
+
+
+def run_cnn(work: Path, params_file: Path, size: int = 96, epochs: int = 25) -> dict:
+    cfg = load_section("train_clip", params_file)
+    evaluation = load_section("evaluate", params_file)
+    torch.manual_seed(cfg.seed)
+    rows = read_index(paths(work)["index"])
+    split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    x = {s: load_gray(v, size) for s, v in split.items()}
+    y = {s: torch.tensor([CLASSES.index(r["label"]) for r in v]) for s, v in split.items()}
+    model = SmallCNN(len(CLASSES))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, 2e-3, total_steps=epochs * ((len(y["train"]) + 63) // 64)
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    best, best_state = -1.0, None
+    started = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        order = torch.randperm(len(y["train"]), generator=gen)
+        for i in range(0, len(order), 64):
+            idx = order[i : i + 64]
+            loss = F.cross_entropy(model(augment(x["train"][idx], cfg.augment, gen)),
+                                   y["train"][idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        model.eval()
+        with torch.no_grad():
+            val = scores(y["val"].numpy(), model(x["val"]))
+        print(f"cnn: epoch {epoch} val macro-F1 {val['macro_f1']:.3f}", flush=True)
+        if val["macro_f1"] > best:
+            best = val["macro_f1"]
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = time.perf_counter() - started
+    model.load_state_dict(best_state)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(x["test"]), -1).numpy()
+    test = classification_metrics(
+        y["test"].numpy(), probs, list(CLASSES), [r["patient_id"] for r in split["test"]],
+        evaluation,
+    )
+    return {"name": f"small CNN from scratch ({size} px)", "test": test, "seconds": seconds,
+            "train_seconds": seconds, "val_macro_f1": best, "epochs": str(epochs),
+            "peak_mb": peak_mb()}
+
+
+# ---------------------------------------------------------------- report
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| model | test accuracy [95% CI] | test macro-F1 [95% CI] | recall NORMAL / BACTERIA"
+        " / VIRUS | val macro-F1 | train time | peak RSS |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        t = r["test"]
+        recall = " / ".join(f"{t['per_class'][c]['recall']:.2f}" for c in CLASSES)
+        lines.append(
+            f"| {r['name']} | {t['accuracy']:.3f} [{t['accuracy_ci95'][0]:.3f}, "
+            f"{t['accuracy_ci95'][1]:.3f}] | {t['macro_f1']:.3f} [{t['macro_f1_ci95'][0]:.3f}, "
+            f"{t['macro_f1_ci95'][1]:.3f}] | {recall} | {r['val_macro_f1']:.3f} | "
+            f"{r['train_seconds'] / 60:.1f} min | {r['peak_mb']:,.0f} MB |"
+        )
+    clip = [r for r in results if "zero_shot" in r]
+    if clip:
+        z, m = clip[0]["zero_shot"], clip[0]["majority"]
+        lines.append(f"| zero-shot base, same prompts | {z['accuracy']:.3f} | "
+                     f"{z['macro_f1']:.3f} | | | | |")
+        lines.append(f"| always {m['label']} | {m['accuracy']:.3f} | | | | | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pneumoclip-bench"))
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--variants", nargs="*", default=None, help="default: all in params")
+    parser.add_argument("--no-cnn", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
+    args = parser.parse_args()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.work.resolve()}/mlflow.db")
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
+
+    if args.one:
+        result = run_cnn(args.work, args.params) if args.one == "cnn" else run_clip(
+            args.one, args.work, args.params)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    setup(args.data, args.work, args.params)
+    variants = args.variants or list(load_section("train_clip", args.params).variants)
+    results = []
+    for name in variants + ([] if args.no_cnn else ["cnn"]):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--work", str(args.work), "--params", str(args.params),
+             "--one", name], stdout=subprocess.PIPE, text=True, check=True,
+        )
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+        results.append(json.loads(line[len("RESULT "):]))
+        print(f"done: {name}", flush=True)
+    print("\nTiny CPU profile (random-init bases built offline), "
+          f"{torch.get_num_threads()} threads, test split of {results[0]['test']['n']} images:\n")
+    print(table(results))
+    (args.work / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
