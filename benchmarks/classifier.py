@@ -88,7 +88,7 @@ def run_clip(variant: str, work: Path, params_file: Path) -> dict:
 
 
 class SmallCNN(nn.Module):
-    def __init__(self, classes: int, width: int = 32):
+    def __init__(self, classes: int, width: int = 16):
         super().__init__()
         layers, channels = [], 1
         for out in (width, 2 * width, 4 * width, 4 * width):
@@ -109,7 +109,7 @@ def load_gray(rows: list[dict], size: int) -> torch.Tensor:
     return (x - 0.5) / 0.25
 
 
-def run_cnn(work: Path, params_file: Path, size: int = 96, epochs: int = 25) -> dict:
+def run_cnn(work: Path, params_file: Path, size: int = 64, epochs: int = 20) -> dict:
     cfg = load_section("train_clip", params_file)
     evaluation = load_section("evaluate", params_file)
     torch.manual_seed(cfg.seed)
@@ -189,9 +189,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pneumoclip-bench"))
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
-    parser.add_argument("--variants", nargs="*", default=None, help="default: all in params")
-    parser.add_argument("--no-cnn", action="store_true")
-    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one model, print JSON
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="variants and/or cnn to (re)run; default: every variant and cnn")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, print JSON
     args = parser.parse_args()
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.work.resolve()}/mlflow.db")
     os.environ.setdefault("TQDM_MININTERVAL", "10")
@@ -203,21 +203,27 @@ def main() -> None:
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
-    setup(args.data, args.work, args.params)
-    variants = args.variants or list(load_section("train_clip", args.params).variants)
-    results = []
-    for name in variants + ([] if args.no_cnn else ["cnn"]):
+    variants = list(load_section("train_clip", args.params).variants)
+    models = args.models or [*variants, "cnn"]
+    results_file = args.work / "results.json"
+    # a partial rerun (--models cnn) keeps the other rows of the same work folder
+    results = {r["key"]: r for r in json.loads(results_file.read_text())} if (
+        args.models and results_file.is_file()) else {}
+    if not (args.models and (args.work / "prepared/index.csv").is_file()):
+        setup(args.data, args.work, args.params)
+    for name in models:
         proc = subprocess.run(
             [sys.executable, __file__, "--work", str(args.work), "--params", str(args.params),
              "--one", name], stdout=subprocess.PIPE, text=True, check=True,
         )
         line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-        results.append(json.loads(line[len("RESULT "):]))
+        results[name] = json.loads(line[len("RESULT "):]) | {"key": name}
+        results_file.write_text(json.dumps(list(results.values()), indent=2))
         print(f"done: {name}", flush=True)
+    results = [results[k] for k in [*variants, "cnn"] if k in results]
     print("\nTiny CPU profile (random-init bases built offline), "
           f"{torch.get_num_threads()} threads, test split of {results[0]['test']['n']} images:\n")
     print(table(results))
-    (args.work / "results.json").write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -220,7 +220,7 @@ def train_variant(params: TrainClipParams, variant: str) -> dict:
                     schedule.step()
                     optimizer.zero_grad()
                 losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}")
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
             model.eval()
             with accelerator.autocast():
                 val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device)
