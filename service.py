@@ -14,6 +14,7 @@ MLflow name and version) and builds this Bento.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -89,11 +90,26 @@ class Pneumoclip:
     def pixels(self, images: list) -> np.ndarray:
         return self.processor(images=images, return_tensors="np")["pixel_values"]
 
+    async def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Ask the model service; retry what BentoML's internal client drops under load
+        (a reset connection or an overloaded dispatcher), so a client never sees it."""
+        import aiohttp
+        from bentoml.exceptions import ServiceUnavailable
+
+        for attempt in range(SETTINGS.internal_retries + 1):
+            try:
+                return await self.clip_model.to_async.probabilities(pixels)
+            except (aiohttp.ClientError, ServiceUnavailable):
+                if attempt == SETTINGS.internal_retries:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)  # let the batch queue drain
+        raise AssertionError("unreachable")
+
     @bentoml.api(route="/classify")
     async def classify(self, image: Annotated[Path, ContentType("image/*")]) -> dict:
         """Classify one uploaded X-ray (multipart field `image`, PNG or JPEG, any mode)."""
         pil = check_image(Path(image).read_bytes())
-        probs = await self.clip_model.to_async.probabilities(self.pixels([pil]))
+        probs = await self.probabilities(self.pixels([pil]))
         return self.answer(probs[0])
 
     @bentoml.api(route="/classify_batch")
@@ -113,7 +129,7 @@ class Pneumoclip:
                 pils.append(check_image(Path(path).read_bytes()))
             except InvalidArgument as err:
                 raise InvalidArgument(f"image {i + 1} of {len(images)}: {err}") from err
-        probs = await self.clip_model.to_async.probabilities(self.pixels(pils))
+        probs = await self.probabilities(self.pixels(pils))
         return [self.answer(p) for p in probs]
 
     @bentoml.api(route="/ready")

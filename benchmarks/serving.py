@@ -52,7 +52,7 @@ def start(target: str) -> tuple[subprocess.Popen, str]:
         try:
             if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return proc, url
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or still starting
             pass
         time.sleep(0.5)
     proc.kill()

@@ -161,6 +161,7 @@ class ServeParams:
     max_batch_images: int = 32  # per /classify_batch request
     max_batch_size: int = 32  # adaptive batching: images per forward pass
     max_latency_ms: int = 200  # adaptive batching: the longest a request waits
+    internal_retries: int = 4  # front -> model service calls dropped under load
 
 
 SECTIONS: dict[str, type] = {
