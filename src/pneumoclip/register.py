@@ -130,7 +130,7 @@ def show(name: str) -> list[dict]:
     rows = []
     for v in sorted(versions, key=lambda v: int(v.version), reverse=True):
         rows.append({
-            "version": int(v.version), "aliases": ",".join(aliases.get(v.version, [])) or "-",
+            "version": int(v.version), "aliases": ",".join(aliases.get(str(v.version), [])) or "-",
             "variant": v.tags.get("variant", "?"),
             SELECTION_METRIC: v.tags.get(SELECTION_METRIC, "?"),
             "test_accuracy": v.tags.get("test_accuracy", "?"),
