@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,13 +15,15 @@ PROJECT_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore"
 
 
 def run(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False)
+    # the project's own SQLite store, as in the README (and apart from the session server)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db")
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False, env=env)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, mlflow_server) -> Path:
+def project(tmp_path_factory) -> Path:
     """A fresh clone in miniature: the project's files, a new git repo, no data, no cache."""
     dest = tmp_path_factory.mktemp("clone")
     for rel in PROJECT_FILES:
@@ -73,14 +76,17 @@ def test_repro_builds_everything_then_does_nothing(project):
     shown = run("dvc", "metrics", "show", cwd=project)
     assert "metrics/real.json" in shown and "metrics/control.json" in shown
     assert "test.macro_f1" in shown
+    # the default SQLite registry: the champion is listed against its version
+    registry = run("pneumoclip", "registry", "show", cwd=project).splitlines()
+    assert registry[2].split("\t")[:2] == ["1", "champion"]
 
 
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("evaluate", "bootstrap", 50, {"evaluate@real", "evaluate@control"}),
-        ("train_clip", "epochs", 2,
-         {"train_clip@real", "train_clip@control", "evaluate@real", "evaluate@control"}),
+        ("evaluate", "bootstrap", 50, {"evaluate@real", "evaluate@control", "register"}),
+        ("train_clip", "epochs", 2, {"train_clip@real", "train_clip@control", "evaluate@real",
+                                     "evaluate@control", "register"}),
     ],
 )
 def test_changing_a_param_reruns_exactly_the_stages_that_read_it(
