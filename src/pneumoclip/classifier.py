@@ -157,15 +157,6 @@ class ClipClassifier:
         embeds = image_embeddings(self.clip, pixel_values)
         return prompt_logits(self.clip, embeds, self.text_embeds) / self.temperature
 
-    @torch.no_grad()
-    def embed(self, images: list[Image.Image]) -> np.ndarray:
-        """Image embeddings (n, dim), for analyses such as the real-vs-synthetic test."""
-        out = [
-            image_embeddings(self.clip, self.pixel_values(images[i : i + self.batch_size]))
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return torch.cat(out).numpy() if out else np.zeros((0, self.text_embeds.shape[1]))
-
     def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
         """Class probabilities (n, classes) for RGB/any-mode PIL images."""
         images = [to_rgb(im) for im in images]

@@ -90,7 +90,7 @@ def register(params: RegisterParams) -> dict:
             break
         time.sleep(1)
     old = current_champion(client, params.model_name, params.alias)
-    new_score = best["val"]["val_macro_f1"]
+    new_score = float(tags[SELECTION_METRIC])  # as stored, so a rerun ties with itself
     old_score = float(old.tags.get(SELECTION_METRIC, "-inf")) if old else None
     promoted = old is None or new_score > old_score
     if promoted:

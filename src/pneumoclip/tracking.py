@@ -17,7 +17,6 @@ import yaml
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CLASSIFIER_EXPERIMENT = "pneumoclip-classifier"
-SD_EXPERIMENT = "pneumoclip-sd-lora"
 PYFUNC_ARTIFACT = "model_dir"
 
 
