@@ -65,9 +65,11 @@ def run_clip(variant: str, work: Path, params_file: Path) -> dict:
     from pneumoclip.train_clip import train_variant
 
     p = paths(work)
+    train = load_section("train_clip", params_file)
     train = dataclasses.replace(
-        load_section("train_clip", params_file), base_dir=str(p["base"] / "clip"),
-        index=str(p["index"]), out_dir=str(p["models"]),
+        train, base_dir=str(p["base"] / "clip"), index=str(p["index"]), out_dir=str(p["models"]),
+        variants={variant: dataclasses.replace(train.variants[variant],
+                                               train_data=str(p["index"]))},
     )
     started = time.perf_counter()
     summary = train_variant(train, variant)
@@ -203,7 +205,9 @@ def main() -> None:
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
-    variants = list(load_section("train_clip", args.params).variants)
+    # variants on real images only; benchmarks/augmentation.py covers the synthetic ones
+    variants = [name for name, v in load_section("train_clip", args.params).variants.items()
+                if v.train_data.endswith(".csv")]
     models = args.models or [*variants, "cnn"]
     results_file = args.work / "results.json"
     # a partial rerun (--models cnn) keeps the other rows of the same work folder

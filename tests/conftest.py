@@ -135,6 +135,10 @@ def project_params(root: Path, **sections) -> Path:
         "base_dir": str(root / "models/base/clip"), "index": str(root / "prepared/index.csv"),
         "out_dir": str(root / "models/clip-lora"),
     }
+    for variant in raw["train_clip"]["variants"].values():
+        variant["train_data"] = str(root / (
+            "prepared/index.csv" if variant["train_data"].endswith(".csv") else "synthetic"
+        ))
     raw["evaluate"] |= {
         "models_dir": str(root / "models/clip-lora"), "base_dir": str(root / "models/base/clip"),
         "index": str(root / "prepared/index.csv"), "out_dir": str(root / "metrics"),

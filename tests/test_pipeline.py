@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,6 +32,11 @@ def project(tmp_path_factory) -> Path:
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dest / rel)
     (dest / ".dvc").mkdir()
     shutil.copyfile(ROOT / ".dvc/config", dest / ".dvc/config")
+    # the SD path's default steps are sized for the full data set; a few suffice here
+    raw = yaml.safe_load((dest / "params.yaml").read_text())
+    raw["sd_lora"] |= {"steps": 20, "batch_size": 16, "sample_every": 10}
+    raw["sd_lora"]["domain"] |= {"vae_steps": 20, "unet_steps": 30}
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run("git", "init", "-q", cwd=dest)
     run("pneumoclip", "sample", "data", cwd=dest)
     run("dvc", "add", "data", cwd=dest)  # as the README does: caches it, data.dvc unchanged
@@ -63,9 +69,15 @@ def test_repro_builds_everything_then_does_nothing(project):
     assert (project / "artifacts/prepared/index.csv").is_file()
     assert (project / "models/base/clip/model.safetensors").is_file()
     assert (project / "models/base/sd/unet/diffusion_pytorch_model.safetensors").is_file()
-    for variant in ("real", "control"):
+    assert (project / "models/sd-lora/pytorch_lora_weights.safetensors").is_file()
+    assert (project / "artifacts/synthetic/manifest.csv").is_file()
+    assert (project / "metrics/synthetic.json").is_file()
+    for variant in ("real", "control", "augmented"):
         assert (project / f"models/clip-lora/{variant}/adapter_model.safetensors").is_file()
         assert (project / f"metrics/{variant}/confusion.png").is_file()
+    synthetic = json.loads((project / "models/clip-lora/augmented/pneumoclip.json").read_text())
+    assert synthetic["synthetic"]["dvc_md5"] == lock_entry(
+        (project / "dvc.lock").read_text(), "synthesize")["outs"][0]["md5"]
     assert "up to date" in run("dvc", "status", cwd=project)
     # the committed dvc.lock is what a fresh machine rebuilds for the deterministic stages
     for stage in ("base_models", "prepare"):
@@ -74,7 +86,8 @@ def test_repro_builds_everything_then_does_nothing(project):
         ), stage
     assert stages_run(run("dvc", "repro", cwd=project)) == set()
     shown = run("dvc", "metrics", "show", cwd=project)
-    assert "metrics/real.json" in shown and "metrics/control.json" in shown
+    for name in ("real", "control", "augmented", "synthetic"):
+        assert f"metrics/{name}.json" in shown
     assert "test.macro_f1" in shown
     # the default SQLite registry: the champion is listed against its version
     registry = run("pneumoclip", "registry", "show", cwd=project).splitlines()
@@ -84,9 +97,13 @@ def test_repro_builds_everything_then_does_nothing(project):
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
-        ("evaluate", "bootstrap", 50, {"evaluate@real", "evaluate@control", "register"}),
-        ("train_clip", "epochs", 2, {"train_clip@real", "train_clip@control", "evaluate@real",
-                                     "evaluate@control", "register"}),
+        ("evaluate", "bootstrap", 50, {"evaluate@real", "evaluate@control",
+                                       "evaluate@augmented", "register"}),
+        ("synthesize", "guidance", 2.0, {"synthesize", "train_clip@augmented",
+                                         "evaluate@augmented", "register"}),
+        ("train_clip", "epochs", 2, {"train_clip@real", "train_clip@control", "synthesize",
+                                     "train_clip@augmented", "evaluate@real",
+                                     "evaluate@control", "evaluate@augmented", "register"}),
     ],
 )
 def test_changing_a_param_reruns_exactly_the_stages_that_read_it(

@@ -81,6 +81,38 @@ def train_clip_cmd(params_path: str, variant: str) -> None:
     )
 
 
+@main.command("sd-lora")
+@params_option
+def sd_lora_cmd(params_path: str) -> None:
+    """Stage: fine-tune SD with LoRA on the training X-rays into models/sd-lora/ (resumable)."""
+    from pneumoclip.sd_lora import SdLoraError, train_sd_lora
+
+    try:
+        meta = train_sd_lora(section("sd_lora", params_path))
+    except SdLoraError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"sd_lora: {meta['steps']} LoRA steps, final loss {meta['final_loss']:.4f}, "
+               f"{meta['train_seconds']:.0f} s; MLflow run {meta['run_id']}")
+
+
+@main.command("synthesize")
+@params_option
+def synthesize_cmd(params_path: str) -> None:
+    """Stage: draw the synthetic images into artifacts/synthetic/ and judge their quality."""
+    from pneumoclip.synthesize import SynthesizeError, synthesize
+
+    try:
+        report = synthesize(section("synthesize", params_path))
+    except SynthesizeError as err:
+        raise click.ClickException(str(err)) from err
+    for cls, v in report["per_class"].items():
+        click.echo(f"{cls}: {v['generated']} drawn, class consistency {v['consistency']:.3f}, "
+                   f"{v['dropped']} dropped by the filter")
+    auroc = report["two_sample_auroc"]
+    click.echo("real-vs-synthetic AUROC: " + ("n/a (too few images)" if auroc is None
+                                               else f"{auroc:.3f} (0.5 = indistinguishable)"))
+
+
 @main.command("evaluate")
 @params_option
 @click.option("--variant", required=True, help="A trained variant in models/clip-lora/.")

@@ -106,6 +106,10 @@ class AugmentParams:
 @dataclasses.dataclass(frozen=True)
 class VariantParams:
     balance: bool = False  # class-balanced sampling (the control)
+    # A file (the prepare index) adds nothing to the real training split; a folder (a
+    # synthesize output) adds its kept synthetic images. dvc.yaml lists it as a
+    # dependency, so only the variants that use synthetic images wait for synthesis.
+    train_data: str = "artifacts/prepared/index.csv"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,89 @@ class TrainClipParams:
     augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
     prompts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     variants: dict[str, VariantParams] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SdLoraAdapter:
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainPretrain:
+    """Tiny profile only: teach the random-init VAE and UNet what an X-ray looks like first.
+
+    A pretrained hub base already knows images; set `enabled: false` for one.
+    """
+
+    enabled: bool = True
+    # A random-init text path has no conditioning at all; with class_captions the tiny UNet
+    # learns it here from the class captions, else from `caption` alone (no class signal).
+    class_captions: bool = True
+    caption: str = "a chest x-ray"
+    vae_steps: int = 300
+    vae_lr: float = 0.002
+    vae_kl_weight: float = 1e-6
+    unet_steps: int = 800
+    unet_lr: float = 0.001
+
+
+@dataclasses.dataclass(frozen=True)
+class SdLoraParams:
+    base_dir: str = "models/base/sd"
+    index: str = "artifacts/prepared/index.csv"
+    out_dir: str = "models/sd-lora"
+    checkpoint_dir: str = ".checkpoints/sd_lora"
+    seed: int = 0
+    resolution: int = 64
+    batch_size: int = 64
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    lr: float = 0.001
+    steps: int = 400
+    warmup_steps: int = 20
+    balance: bool = True  # class-balanced batches, so minority classes are learnt as well
+    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
+    snr_gamma: float = 5.0  # min-SNR loss weighting; 0 turns it off
+    noise_offset: float = 0.0
+    checkpoint_every: int = 100
+    sample_every: int = 200
+    sample_per_class: int = 4
+    sample_steps: int = 20
+    sample_guidance: float = 3.0
+    lora: SdLoraAdapter = dataclasses.field(default_factory=SdLoraAdapter)
+    domain: DomainPretrain = dataclasses.field(default_factory=DomainPretrain)
+    captions: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthesizeParams:
+    base_dir: str = "models/base/sd"
+    lora_dir: str = "models/sd-lora"
+    index: str = "artifacts/prepared/index.csv"
+    classifier_dir: str = "models/clip-lora/real"  # judges class consistency
+    out_dir: str = "artifacts/synthetic"
+    work_dir: str = ".checkpoints/synthesize"
+    metrics: str = "metrics/synthetic.json"
+    # "balance": bring every class up to the largest class of the training split;
+    # or a mapping of class -> number of images.
+    counts: str | dict[str, int] = "balance"
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 3.0
+    scheduler: str = "dpm"  # dpm, ddim, euler or ddpm
+    batch_size: int = 64
+    # Drop images whose probability of their own class, by the `real` classifier, is lower.
+    # 0 keeps everything.
+    filter_threshold: float = 0.0
+    two_sample_max: int = 1000  # images per side in the real-vs-synthetic test
+    # Classes with fewer synthetic images than this get extra ones, judged for class
+    # consistency but never added to the set (under "balance" the largest class gets none).
+    probe_per_class: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,6 +255,8 @@ SECTIONS: dict[str, type] = {
     "base_models": BaseModelsParams,
     "prepare": PrepareParams,
     "train_clip": TrainClipParams,
+    "sd_lora": SdLoraParams,
+    "synthesize": SynthesizeParams,
     "evaluate": EvaluateParams,
     "register": RegisterParams,
     "serve": ServeParams,

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from pneumoclip import tracking
+from pneumoclip.classifier import META_FILE
 from pneumoclip.config import RegisterParams
 
 SELECTION_METRIC = "val_macro_f1"
@@ -34,7 +35,10 @@ def candidates(params: RegisterParams) -> list[dict]:
                                 f"run `dvc repro train_clip@{variant}`") from err
         test_file = Path(params.metrics_dir) / f"{variant}.json"
         test = json.loads(test_file.read_text())["test"] if test_file.is_file() else {}
-        found.append({"variant": variant, "val": val, "test": test, "run": run})
+        synthetic = json.loads((folder / META_FILE).read_text()).get("synthetic") or {}
+        found.append({"variant": variant, "val": val, "test": test, "run": run,
+                      "synthetic_md5": synthetic.get("dvc_md5", "none"),
+                      "synthetic_manifest_sha256": synthetic.get("manifest_sha256", "none")})
     if not found:
         raise RegistryError("register.variants is empty: nothing to register")
     return found
@@ -49,6 +53,7 @@ def version_tags(best: dict) -> dict[str, str]:
         "git_commit": tracking.git_commit(),
         "data_dvc_md5": tracking.dvc_hash(),
         "synthetic_dvc_md5": best.get("synthetic_md5", "none"),
+        "synthetic_manifest_sha256": best.get("synthetic_manifest_sha256", "none"),
         "run_id": best["run"]["run_id"],
     }
     for key in ("accuracy", "macro_f1", "balanced_accuracy"):

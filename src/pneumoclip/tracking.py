@@ -60,6 +60,20 @@ def dvc_hash(dvc_file: str | Path = "data.dvc") -> str:
         return "untracked"
 
 
+def dvc_out_hash(path: str | Path, lock: str | Path = "dvc.lock") -> str:
+    """The md5 dvc.lock records for a stage output (a synthetic set, say), or 'untracked'."""
+    try:
+        stages = yaml.safe_load(Path(lock).read_text())["stages"]
+    except (OSError, KeyError, TypeError):
+        return "untracked"
+    wanted = Path(path).as_posix().rstrip("/")
+    for stage in stages.values():
+        for out in stage.get("outs", []):
+            if out.get("path", "").rstrip("/") == wanted:
+                return str(out.get("md5", "untracked"))
+    return "untracked"
+
+
 def run_tags(stage: str, variant: str | None = None) -> dict[str, str]:
     tags = {"git_commit": git_commit(), "dvc_stage": stage, "data_dvc_md5": dvc_hash()}
     if variant:

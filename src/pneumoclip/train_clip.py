@@ -9,6 +9,7 @@ code runs a tiny CPU base or a hub CLIP on a GPU.
 from __future__ import annotations
 
 import copy
+import csv
 import dataclasses
 import json
 import math
@@ -31,7 +32,7 @@ from pneumoclip.classifier import (
     tokenize_prompts,
 )
 from pneumoclip.config import AugmentParams, TrainClipParams
-from pneumoclip.fsutil import atomic_dir
+from pneumoclip.fsutil import atomic_dir, sha256_file
 from pneumoclip.prepare import read_index
 
 
@@ -88,6 +89,25 @@ def loader(pixels, labels, params: TrainClipParams, balance: bool, gen: torch.Ge
         sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
         return DataLoader(dataset, batch_size=params.batch_size, sampler=sampler)
     return DataLoader(dataset, batch_size=params.batch_size, shuffle=True, generator=gen)
+
+
+def read_synthetic(folder: str, classes: list[str]) -> tuple[list[dict], dict]:
+    """The kept images of a synthesize output, as train rows, and what identifies the set."""
+    manifest = Path(folder) / "manifest.csv"
+    if not manifest.is_file():
+        raise TrainError(f"{manifest} is missing: train_data must be the prepare index or a "
+                         "synthesize output folder (run `dvc repro synthesize`)")
+    with open(manifest, newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["kept"] == "1"]
+    unknown = sorted({r["class"] for r in rows} - set(classes))
+    if unknown:
+        raise TrainError(f"synthetic classes {unknown} have no prompts in train_clip.prompts")
+    train = [{"path": str(Path(folder) / r["file"]), "label": r["class"], "split": "train",
+              "patient": f"synthetic/{r['file']}"} for r in rows]
+    info = {"dir": folder, "images": len(train),
+            "per_class": {c: sum(r["class"] == c for r in rows) for c in classes},
+            "manifest_sha256": sha256_file(manifest), "dvc_md5": tracking.dvc_out_hash(folder)}
+    return train, info
 
 
 # ---------------------------------------------------------------- model
@@ -167,6 +187,13 @@ def train_variant(params: TrainClipParams, variant: str) -> dict:
     val_rows = [r for r in rows if r["split"] == "val"]
     if not train_rows or not val_rows:
         raise TrainError(f"{params.index} needs train and val rows")
+    synthetic = None
+    if Path(settings.train_data).is_dir():  # a synthesize output: add its kept images
+        synthetic_rows, synthetic = read_synthetic(settings.train_data, classes)
+        train_rows = train_rows + synthetic_rows  # never val or test
+    elif not Path(settings.train_data).is_file():
+        raise TrainError(f"train_clip.variants.{variant}.train_data: {settings.train_data} "
+                         "is missing (the prepare index, or a synthesize output folder)")
 
     set_seed(params.seed)
     accelerator = Accelerator(
@@ -202,11 +229,16 @@ def train_variant(params: TrainClipParams, variant: str) -> dict:
     config.pop("variants")
     history, best, best_state, stale = [], None, None, 0
     started = time.perf_counter()
-    with mlflow.start_run(run_name=variant, tags=tracking.run_tags(stage, variant)) as run:
+    tags = tracking.run_tags(stage, variant) | {
+        "synthetic_dvc_md5": synthetic["dvc_md5"] if synthetic else "none",
+        "synthetic_manifest_sha256": synthetic["manifest_sha256"] if synthetic else "none",
+    }
+    with mlflow.start_run(run_name=variant, tags=tags) as run:
         mlflow.log_params(tracking.flatten(config) | tracking.flatten(
             dataclasses.asdict(settings), "variant."
         ) | {"trainable_params": n_trainable, "total_params": n_total,
-             "train_images": len(train_rows), "val_images": len(val_rows)})
+             "train_images": len(train_rows), "val_images": len(val_rows),
+             "synthetic_images": synthetic["images"] if synthetic else 0})
         for epoch in range(1, params.epochs + 1):
             model.train()
             losses = []
@@ -260,6 +292,7 @@ def train_variant(params: TrainClipParams, variant: str) -> dict:
             processor.save_pretrained(out)
             meta = {
                 "classes": classes, "prompts": params.prompts, "label_map": label_id,
+                "synthetic": synthetic,
                 "base": params.base_dir, "base_source": source["source"],
                 "base_revision": source["revision"], "base_is_tiny": source["source"] == "tiny",
                 "temperature": temperature, "variant": variant,

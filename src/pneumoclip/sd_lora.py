@@ -1,0 +1,498 @@
+"""`sd_lora` stage: fine-tune Stable Diffusion with LoRA on the real training X-rays.
+
+The recipe follows diffusers' text-to-image LoRA example: DDPM noise on VAE latents, an
+epsilon loss with optional min-SNR weighting and noise offset, LoRA on the UNet attention
+projections (peft), one adapter for all classes with class captions from params, and some
+captions dropped so the pipeline can use classifier-free guidance.
+
+Tiny profile only: a random-init VAE and UNet know nothing about images, and a LoRA on top
+of them cannot learn what an X-ray looks like. `domain` pretraining first trains the tiny
+VAE as an autoencoder and then the whole tiny UNet on every training image; only then is
+the class LoRA fitted. The random text path gives the UNet no text conditioning to build
+on, so by default the UNet learns it here from the class captions (`class_captions`); with
+one generic caption instead, a 400-step LoRA did not learn the classes (see README). A hub
+base skips all of this (`domain.enabled: false`).
+
+Every phase checkpoints every `checkpoint_every` steps into `checkpoint_dir` (outside the
+DVC output, which DVC deletes before a run). A rerun with the same inputs resumes from the
+last checkpoint. Each step draws its batch, noise and timesteps from a generator seeded by
+(seed, phase, step), so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from pneumoclip import tracking
+from pneumoclip.classifier import read_image
+from pneumoclip.config import SdLoraParams
+from pneumoclip.fsutil import atomic_dir, sha256_file
+from pneumoclip.prepare import read_index
+
+SD_EXPERIMENT = "pneumoclip-sd"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+META_FILE = "sd_lora.json"
+PHASES = ("vae", "unet", "lora")
+
+
+class SdLoraError(RuntimeError):
+    """Training cannot start (missing inputs, bad captions)."""
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_images(paths: list[str], resolution: int, desc: str) -> torch.Tensor:
+    """(n, 3, res, res) in [-1, 1]: grayscale replicated to RGB, as the VAE takes it."""
+    out = torch.empty(len(paths), 3, resolution, resolution)
+    for i, path in enumerate(tqdm(paths, desc=desc, unit="img")):
+        image = read_image(path).resize((resolution, resolution), Image.Resampling.BICUBIC)
+        out[i] = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return out / 127.5 - 1.0
+
+
+def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+    """The generator for one step: what a step draws depends only on (seed, phase, step)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + PHASES.index(phase) * 100_003 + step)
+
+
+def draw_batch(labels: torch.Tensor, size: int, balance: bool, gen: torch.Generator):
+    if not balance:
+        return torch.randint(len(labels), (size,), generator=gen)
+    classes = torch.unique(labels)
+    picked = classes[torch.randint(len(classes), (size,), generator=gen)]
+    out = torch.empty(size, dtype=torch.long)
+    for c in classes:
+        members = torch.nonzero(labels == c).flatten()
+        slots = torch.nonzero(picked == c).flatten()
+        out[slots] = members[torch.randint(len(members), (len(slots),), generator=gen)]
+    return out
+
+
+# ---------------------------------------------------------------- diffusion pieces
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    """Hidden states per caption, padded to the tokenizer's max length as the pipeline does."""
+    tokens = tokenizer(captions, padding="max_length", truncation=True,
+                       max_length=tokenizer.model_max_length, return_tensors="pt")
+    return text_encoder(tokens.input_ids)[0]
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def diffusion_loss(unet, scheduler, latents, text, params: SdLoraParams, gen) -> torch.Tensor:
+    noise = torch.randn(latents.shape, generator=gen)
+    if params.noise_offset:
+        noise += params.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
+    t = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+    device = unet.device
+    latents, noise, t = latents.to(device), noise.to(device), t.to(device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, text.to(device)).sample
+    loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    if params.snr_gamma:
+        loss = loss * min_snr_weights(scheduler, t.cpu(), params.snr_gamma).to(loss)
+    return loss.mean()
+
+
+def sample_pipeline(vae, text_encoder, tokenizer, unet):
+    """A pipeline around the parts being trained, with a fast deterministic sampler."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear",
+        beta_start=0.00085, beta_end=0.012, steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
+             resolution: int) -> list[Image.Image]:
+    """One grayscale image per (prompt, seed); each image has its own CPU generator."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        out = pipe(prompt=prompts, generator=gens, num_inference_steps=steps,
+                   guidance_scale=guidance, height=resolution, width=resolution,
+                   output_type="np").images
+    return [Image.fromarray((im.mean(axis=-1) * 255).round().astype(np.uint8), mode="L")
+            for im in out]
+
+
+def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None,
+              cell: int = 64) -> Image.Image:
+    """Rows of images side by side (one row per class), with an optional label per row."""
+    from PIL import ImageDraw
+
+    margin = 90 if labels else 0
+    width = margin + cell * max(len(r) for r in rows)
+    grid = Image.new("L", (width, cell * len(rows)), 255)
+    draw = ImageDraw.Draw(grid)
+    for y, row in enumerate(rows):
+        if labels:
+            draw.text((4, y * cell + cell // 2 - 6), labels[y], fill=0)
+        for x, image in enumerate(row):
+            grid.paste(image.convert("L").resize((cell, cell)), (margin + x * cell, y * cell))
+    return grid
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def run_key(params: SdLoraParams) -> str:
+    """What decides the result: the params, the index and the base weights."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
+    digest.update(sha256_file(params.index).encode())
+    for path in sorted(Path(params.base_dir).rglob("*")):
+        if path.is_file():
+            digest.update(f"{path.relative_to(params.base_dir)}:{sha256_file(path)}".encode())
+    return digest.hexdigest()[:16]
+
+
+class Checkpoints:
+    """`checkpoint_dir/KEY/`: the state of the current phase, and the finished domain base."""
+
+    def __init__(self, root: str, key: str):
+        self.dir = Path(root) / key
+        self.state_file = self.dir / "state.pt"
+        self.base_dir = self.dir / "domain_base"
+
+    def load(self) -> dict | None:
+        if not self.state_file.is_file():
+            return None
+        return torch.load(self.state_file, map_location="cpu", weights_only=False)
+
+    def save(self, state: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.state_file)  # a kill mid-write keeps the previous checkpoint
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+@dataclasses.dataclass
+class Parts:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object
+    noise_scheduler: object
+
+
+def load_parts(base_dir: str | Path) -> Parts:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base_dir = str(base_dir)
+    parts = Parts(
+        tokenizer=CLIPTokenizer.from_pretrained(base_dir, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(base_dir, subfolder="text_encoder"),
+        vae=AutoencoderKL.from_pretrained(base_dir, subfolder="vae"),
+        unet=UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet"),
+        noise_scheduler=DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler"),
+    )
+    parts.text_encoder.requires_grad_(False).eval()
+    return parts
+
+
+def train_sd_lora(params: SdLoraParams) -> dict:
+    from accelerate import Accelerator
+
+    classes = list(params.captions)
+    if not classes or any(not c for c in params.captions.values()):
+        raise SdLoraError("sd_lora.captions needs at least one caption template per class")
+    for path in (params.index, params.base_dir):
+        if not Path(path).exists():
+            raise SdLoraError(f"{path} is missing; run `dvc repro` for the stages before")
+    rows = [r for r in read_index(params.index) if r["split"] == "train"]
+    unknown = sorted({r["label"] for r in rows} - set(classes))
+    if unknown:
+        raise SdLoraError(f"labels {unknown} in {params.index} have no sd_lora.captions")
+    if not rows:
+        raise SdLoraError(f"{params.index} has no train rows")
+
+    ckpt = Checkpoints(params.checkpoint_dir, run_key(params))
+    state = ckpt.load()
+    if state:
+        print(f"sd_lora: resuming {state['phase']} from step {state['step']} ({ckpt.dir})")
+    random.seed(params.seed)
+    np.random.seed(params.seed)
+    torch.manual_seed(params.seed)
+    accelerator = Accelerator(mixed_precision=params.mixed_precision,
+                              gradient_accumulation_steps=params.grad_accum)
+    images = load_images([r["path"] for r in rows], params.resolution, "sd_lora: train images")
+    labels = torch.tensor([classes.index(r["label"]) for r in rows])
+
+    mlflow = tracking.setup(SD_EXPERIMENT)
+    run_id = state["run_id"] if state else None
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else "sd-lora",
+                           tags=None if run_id else tracking.run_tags("sd_lora"))
+    started = time.perf_counter()
+    try:
+        if not run_id:
+            mlflow.log_params(tracking.flatten(dataclasses.asdict(params))
+                              | {"train_images": len(rows)})
+        trainer = Trainer(params, accelerator, ckpt, run.info.run_id, mlflow, classes)
+        lora_base = params.base_dir
+        done = state["done"] if state else []
+        if params.domain.enabled:
+            if "unet" not in done:
+                parts = load_parts(params.base_dir)
+                trainer.train_vae(parts, images, state)
+                trainer.train_domain_unet(parts, images, labels, state)
+                save_domain_base(parts, ckpt.base_dir)
+                state = None
+            lora_base = ckpt.base_dir
+        parts = load_parts(lora_base)
+        summary = trainer.train_lora(parts, images, labels, state)
+        summary["train_seconds"] = time.perf_counter() - started
+        with atomic_dir(params.out_dir) as out:
+            save_lora(parts.unet, out)
+            if params.domain.enabled:
+                shutil.copytree(ckpt.base_dir, out / "base")
+            meta = {
+                "base": "base" if params.domain.enabled else params.base_dir,
+                "base_in_lora_dir": params.domain.enabled,
+                "classes": classes, "captions": params.captions,
+                "resolution": params.resolution, "lora": dataclasses.asdict(params.lora),
+                "lora_sha256": sha256_file(out / LORA_FILE), "run_id": run.info.run_id,
+                "tracking_uri": tracking.tracking_uri(),
+            } | summary
+            (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            grid = trainer.sample_grid(parts, "final")
+            grid.save(out / "samples.png")
+        mlflow.log_metric("train_seconds", summary["train_seconds"])
+        mlflow.log_artifact(str(Path(params.out_dir) / META_FILE))
+    finally:
+        mlflow.end_run()
+    ckpt.clear()
+    return meta
+
+
+def save_domain_base(parts: Parts, out: Path) -> None:
+    """The domain-pretrained tiny pipeline, kept in the checkpoint folder until the end."""
+    from diffusers import StableDiffusionPipeline
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+        unet=parts.unet, scheduler=parts.noise_scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def save_lora(unet, out: Path) -> None:
+    """The adapter in diffusers' LoRA format, loadable with `pipe.load_lora_weights`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers,
+                                              weight_name=LORA_FILE, safe_serialization=True)
+
+
+class Trainer:
+    """Runs the phases, each with its checkpoints, progress bar and MLflow curve."""
+
+    def __init__(self, params: SdLoraParams, accelerator, ckpt: Checkpoints, run_id: str,
+                 mlflow, classes: list[str]):
+        self.params, self.accelerator, self.ckpt = params, accelerator, ckpt
+        self.run_id, self.mlflow, self.classes = run_id, mlflow, classes
+
+    def loop(self, phase: str, steps: int, model, trainable, lr: float, loss_fn, state,
+             sample=None, extra_state=None) -> float:
+        """Train `model` for `steps`, resuming from `state` if it is this phase's."""
+        params = self.params
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2)
+        warmup = max(1, params.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
+        start, losses = 0, []
+        if state and state["phase"] == phase:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            start, losses = state["step"], state["losses"]
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        model.train()
+        bar = tqdm(range(start, steps), desc=f"sd_lora: {phase}", unit="step",
+                   initial=start, total=steps)
+        for step in bar:
+            gen = step_generator(params.seed, phase, step)
+            with self.accelerator.accumulate(model), self.accelerator.autocast():
+                loss = loss_fn(gen)
+                self.accelerator.backward(loss)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
+            done = step + 1
+            if done % 10 == 0 or done == steps:
+                self.mlflow.log_metric(f"{phase}_loss", float(np.mean(losses[-10:])), step=done)
+            if sample and params.sample_every and (done % params.sample_every == 0):
+                sample(f"{phase}_step{done:05d}")
+            if done % params.checkpoint_every == 0 and done < steps:
+                self.ckpt.save({
+                    "phase": phase, "step": done, "losses": losses, "run_id": self.run_id,
+                    "done": list(PHASES[: PHASES.index(phase)]),
+                    "model": self.accelerator.unwrap_model(model).state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                } | (extra_state or {}))
+        model.eval()
+        return float(np.mean(losses[-20:])) if losses else float("nan")
+
+    def train_vae(self, parts: Parts, images: torch.Tensor, state) -> None:
+        cfg, vae = self.params.domain, parts.vae
+        if state and state["phase"] != "vae":  # the VAE finished before the interruption
+            vae.load_state_dict(state["vae"])
+            vae.register_to_config(scaling_factor=state["scaling_factor"])
+            return
+
+        def loss_fn(gen):
+            x = images[torch.randint(len(images), (self.params.batch_size,), generator=gen)]
+            posterior = vae.encode(x.to(vae.device)).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=gen).to(vae.device)
+            recon = vae.decode(z).sample
+            return F.l1_loss(recon, x.to(recon)) + cfg.vae_kl_weight * posterior.kl().mean()
+
+        vae.requires_grad_(True)
+        loss = self.loop("vae", cfg.vae_steps, vae, list(vae.parameters()), cfg.vae_lr,
+                         loss_fn, state)
+        vae.requires_grad_(False)
+        # SD's scaling factor makes latents unit-variance; measure it on our data
+        with torch.no_grad():
+            z = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean
+                           for i in range(0, len(images), 256)])
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        self.mlflow.log_metrics({"vae_final_l1": loss,
+                                 "vae_scaling_factor": vae.config.scaling_factor})
+
+    def latents(self, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of every image, once; each step samples from them."""
+        means, stds = [], []
+        with torch.no_grad():
+            for i in range(0, len(images), 256):
+                posterior = vae.encode(images[i : i + 256].to(vae.device)).latent_dist
+                means.append(posterior.mean.cpu())
+                stds.append(posterior.std.cpu())
+        scale = vae.config.scaling_factor
+        return torch.cat(means) * scale, torch.cat(stds) * scale
+
+    def captions(self, parts: Parts, labels: torch.Tensor, generic: str | None):
+        """Text states, and a function drawing one caption index per image (some empty)."""
+        params = self.params
+        templates = [generic] if generic else [t for c in self.classes for t in params.captions[c]]
+        text = encode_text(parts.tokenizer, parts.text_encoder, templates + [""])
+        owners = [self.classes.index(c) for c in self.classes for _ in params.captions[c]]
+        by_class = [torch.tensor([i for i, o in enumerate(owners) if o == k] or [0])
+                    for k in range(len(self.classes))]
+
+        def draw(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            if generic:
+                caption = torch.zeros(len(idx), dtype=torch.long)
+            else:
+                pick = torch.randint(1_000_000, (len(idx),), generator=gen)
+                caption = torch.stack([by_class[c][p % len(by_class[c])]
+                                       for c, p in zip(labels[idx].tolist(), pick, strict=True)])
+            drop = torch.rand(len(idx), generator=gen) < params.caption_dropout
+            caption[drop] = len(templates)  # the empty caption
+            return caption
+
+        return text, draw
+
+    def diffusion_phase(self, phase: str, parts: Parts, images, labels, steps: int, lr: float,
+                        trainable, generic: str | None, state, extra_state=None) -> float:
+        """Noise-prediction training on cached latents, with per-class sample grids."""
+        params, unet = self.params, parts.unet
+        mean, std = self.latents(parts.vae, images)
+        text, draw_captions = self.captions(parts, labels, generic)
+
+        def loss_fn(gen):
+            idx = draw_batch(labels, params.batch_size, params.balance, gen)
+            z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+            return diffusion_loss(unet, parts.noise_scheduler, z, text[draw_captions(idx, gen)],
+                                  params, gen)
+
+        def sample(name):
+            self.sample_grid(parts, name, captions={"x-ray": [generic]} if generic else None)
+
+        loss = self.loop(phase, steps, unet, trainable, lr, loss_fn,
+                         state if state and state["phase"] == phase else None,
+                         sample=sample, extra_state=extra_state)
+        self.mlflow.log_metric(f"{phase}_final_loss", loss)
+        return loss
+
+    def train_domain_unet(self, parts: Parts, images, labels, state) -> None:
+        cfg, unet = self.params.domain, parts.unet
+        unet.requires_grad_(True)
+        self.diffusion_phase(
+            "unet", parts, images, labels, cfg.unet_steps, cfg.unet_lr, list(unet.parameters()),
+            None if cfg.class_captions else cfg.caption, state,
+            extra_state={"vae": parts.vae.state_dict(),
+                         "scaling_factor": parts.vae.config.scaling_factor},
+        )
+        unet.requires_grad_(False)
+
+    def train_lora(self, parts: Parts, images, labels, state) -> dict:
+        from peft import LoraConfig
+
+        params, unet = self.params, parts.unet
+        unet.requires_grad_(False)
+        torch.manual_seed(params.seed)  # the adapter's init, the same on a resumed run
+        unet.add_adapter(LoraConfig(
+            r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
+            init_lora_weights="gaussian", target_modules=params.lora.target_modules,
+        ))
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        loss = self.diffusion_phase("lora", parts, images, labels, params.steps, params.lr,
+                                    trainable, None, state)
+        n_trainable = sum(p.numel() for p in trainable)
+        self.mlflow.log_metric("lora_params", n_trainable)
+        return {"final_loss": loss, "lora_params": n_trainable, "steps": params.steps}
+
+    def sample_grid(self, parts: Parts, name: str, captions=None) -> Image.Image:
+        """Fixed-seed samples, one row per class, logged to the MLflow run."""
+        params = self.params
+        captions = captions or {c: params.captions[c][:1] for c in self.classes}
+        pipe = sample_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet)
+        n = params.sample_per_class
+        rows = [generate(pipe, [c[0]] * n, list(range(n)), params.sample_steps,
+                         params.sample_guidance, params.resolution) for c in captions.values()]
+        grid = make_grid(rows, list(captions))
+        self.mlflow.log_image(grid, f"samples/{name}.png")
+        return grid

@@ -1,0 +1,327 @@
+"""`synthesize` stage: generate the synthetic X-rays that rebalance the classes, and judge them.
+
+The base plus the SD LoRA (`load_lora_weights`) draws the number of images per class that
+params ask for. Each image has its own seed (base seed + its index in the plan) on a CPU
+generator, so any one image can be redrawn exactly. Images land first in a work folder keyed
+by everything that decides them, so an interrupted run skips what it already drew; the DVC
+output `artifacts/synthetic/` is written only at the end, in one move.
+
+Quality, with no pretrained Inception to lean on:
+- class consistency: how often the `real` classifier (which never saw a synthetic image)
+  gives a synthetic image the class it was drawn for;
+- a two-sample test: the cross-validated AUROC of a logistic regression that tells held-out
+  real images (the validation split, which neither model trained on) from synthetic ones on
+  the `real` classifier's image embeddings. 0.5 means it cannot tell them apart;
+- an optional filter that drops images whose own-class probability is under a threshold.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pneumoclip import tracking
+from pneumoclip.config import SynthesizeParams
+from pneumoclip.fsutil import atomic_dir, sha256_file
+from pneumoclip.prepare import read_index
+from pneumoclip.sd_lora import LORA_FILE, META_FILE, SD_EXPERIMENT, generate, make_grid
+
+MANIFEST = "manifest.csv"
+MANIFEST_FIELDS = ["file", "class", "prompt", "seed", "steps", "guidance", "scheduler",
+                   "lora_sha256", "own_class_prob", "predicted", "kept"]
+SCHEDULERS = {
+    "dpm": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+class SynthesizeError(RuntimeError):
+    """Synthesis cannot start (missing LoRA, bad counts or scheduler)."""
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_counts(params: SynthesizeParams, train_counts: dict[str, int],
+                classes: list[str]) -> dict[str, int]:
+    """Images to draw per class: up to the largest class, or the explicit mapping."""
+    if isinstance(params.counts, str):
+        if params.counts != "balance":
+            raise SynthesizeError(f"synthesize.counts must be 'balance' or a mapping of class "
+                                  f"to count, got {params.counts!r}")
+        top = max(train_counts.values())
+        return {c: top - train_counts.get(c, 0) for c in classes}
+    unknown = sorted(set(params.counts) - set(classes))
+    if unknown:
+        raise SynthesizeError(f"synthesize.counts names unknown classes {unknown} "
+                              f"(the LoRA knows {classes})")
+    if any(n < 0 for n in params.counts.values()):
+        raise SynthesizeError("synthesize.counts must not be negative")
+    return {c: params.counts.get(c, 0) for c in classes}
+
+
+def plan(params: SynthesizeParams, counts: dict[str, int], captions: dict[str, list[str]]):
+    """(file, class, prompt, seed) per image; the prompt templates take turns."""
+    rows, index = [], 0
+    for cls, n in counts.items():
+        for i in range(n):
+            rows.append({"file": f"{cls}/{cls}_{i:05d}.png", "class": cls,
+                         "prompt": captions[cls][i % len(captions[cls])],
+                         "seed": params.seed + index})
+            index += 1
+    return rows
+
+
+def probe_plan(params: SynthesizeParams, rows: list[dict], captions: dict[str, list[str]],
+               classes: list[str]) -> list[dict]:
+    """Extra images, judged but never kept, so every class gets a consistency figure."""
+    probe, index = [], len(rows)
+    for cls in classes:
+        have = sum(r["class"] == cls for r in rows)
+        for i in range(max(0, params.probe_per_class - have)):
+            probe.append({"file": f"_probe/{cls}/{cls}_{i:05d}.png", "class": cls,
+                          "prompt": captions[cls][i % len(captions[cls])],
+                          "seed": params.seed + index})
+            index += 1
+    return probe
+
+
+def work_key(params: SynthesizeParams, lora_sha: str, counts: dict[str, int]) -> str:
+    """What decides the pixels (not the filter or the judge)."""
+    decisive = {k: getattr(params, k) for k in ("seed", "steps", "guidance", "scheduler")}
+    blob = json.dumps([decisive, lora_sha, counts], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- generation
+
+
+def load_pipeline(params: SynthesizeParams, meta: dict):
+    import diffusers
+
+    lora_dir = Path(params.lora_dir)
+    base = lora_dir / "base" if meta["base_in_lora_dir"] else Path(params.base_dir)
+    if params.scheduler not in SCHEDULERS:
+        raise SynthesizeError(f"synthesize.scheduler must be one of {', '.join(SCHEDULERS)}, "
+                              f"got {params.scheduler!r}")
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+        str(base), safety_checker=None, requires_safety_checker=False
+    )
+    scheduler_cls = getattr(diffusers, SCHEDULERS[params.scheduler])
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder": none
+    try:
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def draw(pipe, rows: list[dict], work: Path, params: SynthesizeParams, resolution: int) -> None:
+    """Draw every planned image that the work folder lacks, in batches of one prompt."""
+    todo = [r for r in rows if not (work / r["file"]).is_file()]
+    if len(todo) < len(rows):
+        print(f"synthesize: {len(rows) - len(todo)} of {len(rows)} images already drawn "
+              f"({work}), drawing the other {len(todo)}")
+    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="synthesize",
+              unit="img") as bar:
+        for batch in batches(todo, params.batch_size):
+            images = generate(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
+                              params.steps, params.guidance, resolution)
+            for row, image in zip(batch, images, strict=True):
+                target = work / row["file"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(".tmp")
+                image.save(tmp, format="PNG")
+                os.replace(tmp, target)  # a kill never leaves half a PNG behind
+            bar.update(len(batch))
+
+
+def batches(rows: list[dict], size: int):
+    """Batches that never mix prompts (one text encoding per batch)."""
+    current: list[dict] = []
+    for row in rows:
+        if current and (len(current) == size or row["prompt"] != current[0]["prompt"]):
+            yield current
+            current = []
+        current.append(row)
+    if current:
+        yield current
+
+
+# ---------------------------------------------------------------- quality
+
+
+def judge(classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and image embeddings of the `real` classifier."""
+    from pneumoclip.classifier import image_embeddings, read_image
+
+    probs, embeds = [], []
+    for i in tqdm(range(0, len(paths), 128), desc="synthesize: judging", unit="batch"):
+        pixels = classifier.pixel_values([read_image(p) for p in paths[i : i + 128]])
+        with torch.no_grad():
+            probs.append(torch.softmax(classifier.logits_from_pixels(pixels), -1).numpy())
+            embeds.append(image_embeddings(classifier.clip, pixels).numpy())
+    if not probs:
+        return np.zeros((0, len(classifier.classes))), np.zeros((0, 1))
+    return np.concatenate(probs), np.concatenate(embeds)
+
+
+def two_sample_auroc(real: np.ndarray, synthetic: np.ndarray, seed: int) -> float | None:
+    """Cross-validated AUROC of logistic regression telling real from synthetic."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    n = min(len(real), len(synthetic))
+    if n < 10:
+        return None
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([real[rng.permutation(len(real))[:n]],
+                        synthetic[rng.permutation(len(synthetic))[:n]]])
+    y = np.r_[np.zeros(n), np.ones(n)]
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    scores = cross_val_predict(LogisticRegression(max_iter=2000), x, y, cv=folds,
+                               method="predict_proba")[:, 1]
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores))
+
+
+def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work: Path,
+            val_paths: list[str], classes: list[str]) -> dict:
+    """Class consistency, the filter and the two-sample AUROC; fills the manifest columns.
+
+    Consistency counts the kept-or-not synthetic set plus the probe images of its class."""
+    from pneumoclip.classifier import ClipClassifier
+
+    classifier = ClipClassifier.load(params.classifier_dir)
+    if classifier.classes != classes:
+        raise SynthesizeError(f"{params.classifier_dir} knows {classifier.classes}, "
+                              f"the LoRA {classes}")
+    probs, embeds = judge(classifier, [work / r["file"] for r in rows + probe])
+    for row, p in zip(rows + probe, probs, strict=True):
+        own = float(p[classes.index(row["class"])])
+        row["own_class_prob"] = f"{own:.6f}"
+        row["predicted"] = classes[int(p.argmax())]
+        row["kept"] = int(own >= params.filter_threshold)
+    per_class = {}
+    for cls in classes:
+        judged = [r for r in rows + probe if r["class"] == cls]
+        if judged:
+            per_class[cls] = {
+                "generated": sum(r["class"] == cls for r in rows),
+                "judged": len(judged),
+                "consistency": float(np.mean([r["predicted"] == cls for r in judged])),
+                "mean_own_prob": float(np.mean([float(r["own_class_prob"]) for r in judged])),
+                "dropped": sum(1 for r in rows if r["class"] == cls and not r["kept"]),
+            }
+    cap = params.two_sample_max
+    real_embeds = judge(classifier, [Path(p) for p in val_paths[:cap]])[1]
+    kept = np.array([bool(r["kept"]) for r in rows + probe], dtype=bool)
+    kept[len(rows):] = not rows  # the probe stands in only when nothing was generated
+    synth = embeds[kept][:cap]
+    return {
+        "per_class": per_class,
+        "consistency_mean": float(np.mean([v["consistency"] for v in per_class.values()]))
+        if per_class else None,
+        "generated": len(rows), "kept": int(kept.sum()),
+        "filter_threshold": params.filter_threshold,
+        "two_sample_auroc": two_sample_auroc(real_embeds, synth, params.seed),
+        "two_sample_real": min(len(val_paths), cap),
+    }
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def synthesize(params: SynthesizeParams) -> dict:
+    lora_dir = Path(params.lora_dir)
+    if not (lora_dir / META_FILE).is_file():
+        raise SynthesizeError(f"{lora_dir}/{META_FILE} is missing; run `dvc repro sd_lora`")
+    if not Path(params.classifier_dir).is_dir():
+        raise SynthesizeError(f"{params.classifier_dir} is missing; run "
+                              "`dvc repro train_clip@real`")
+    meta = json.loads((lora_dir / META_FILE).read_text())
+    classes = meta["classes"]
+    index = read_index(params.index)
+    train_counts = Counter(r["label"] for r in index if r["split"] == "train")
+    counts = plan_counts(params, dict(train_counts), classes)
+    rows = plan(params, counts, meta["captions"])
+    probe = probe_plan(params, rows, meta["captions"], classes)
+    lora_sha = sha256_file(lora_dir / LORA_FILE)
+    work = Path(params.work_dir) / work_key(params, lora_sha, counts)
+    print("synthesize: " + ", ".join(f"{c} {train_counts.get(c, 0)} real + {n} synthetic"
+                                     for c, n in counts.items()))
+    if rows or probe:
+        draw(load_pipeline(params, meta), rows + probe, work, params, meta["resolution"])
+    for row in rows:
+        row |= {"steps": params.steps, "guidance": params.guidance,
+                "scheduler": params.scheduler, "lora_sha256": lora_sha}
+    val_paths = [r["path"] for r in index if r["split"] == "val"]
+    report = quality(params, rows, probe, work, val_paths, classes) | {
+        "counts": counts, "train_counts": dict(train_counts), "lora_sha256": lora_sha,
+    }
+    with atomic_dir(params.out_dir) as out:
+        for cls in classes:
+            (out / cls).mkdir()
+        for row in rows:
+            shutil.copyfile(work / row["file"], out / row["file"])
+        with open(out / MANIFEST, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        grid = sample_grid(rows, index, classes, out)
+    Path(params.metrics).parent.mkdir(parents=True, exist_ok=True)
+    Path(params.metrics).write_text(json.dumps(report, indent=2) + "\n")
+    log_to_sd_run(meta, report, grid, params)
+    shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def sample_grid(rows: list[dict], index: list[dict], classes: list[str], out: Path):
+    """Real next to synthetic: per class, 6 real training images then 6 synthetic ones."""
+    from pneumoclip.classifier import read_image
+
+    lines, labels = [], []
+    for cls in classes:
+        real = [r["path"] for r in index if r["split"] == "train" and r["label"] == cls][:6]
+        synth = [out / r["file"] for r in rows if r["class"] == cls][:6]
+        lines.append([read_image(p) for p in real] + [Image.open(p) for p in synth])
+        labels.append(f"{cls}\nreal | synth")
+    grid = make_grid(lines, labels)
+    grid.save(out / "grid.png")
+    return grid
+
+
+def log_to_sd_run(meta: dict, report: dict, grid, params: SynthesizeParams) -> None:
+    """Add the quality figures to the SD LoRA run that made the images (same store only)."""
+    if meta.get("tracking_uri") != tracking.tracking_uri():
+        print("synthesize: the SD LoRA run lives in another tracking store; not logging")
+        return
+    mlflow = tracking.setup(SD_EXPERIMENT)
+    with mlflow.start_run(run_id=meta["run_id"]):
+        flat = {"synthetic_generated": report["generated"], "synthetic_kept": report["kept"]}
+        for cls, v in report["per_class"].items():
+            flat |= {f"consistency_{cls}": v["consistency"], f"dropped_{cls}": v["dropped"]}
+        if report["two_sample_auroc"] is not None:
+            flat["two_sample_auroc"] = report["two_sample_auroc"]
+        mlflow.log_metrics(flat)
+        # tags, not params: a rerun with other settings overwrites them
+        mlflow.set_tags({f"synthesize.{k}": str(v)
+                         for k, v in dataclasses.asdict(params).items()})
+        mlflow.log_image(grid, "synthetic/grid.png")

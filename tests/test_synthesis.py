@@ -1,0 +1,282 @@
+"""SD LoRA and synthesis on the tiny base: train, save, load back, resume, generate, judge."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import ROOT, cli, project_params
+from PIL import Image
+
+from pneumoclip.config import load_section
+from pneumoclip.sd_lora import LORA_FILE, META_FILE, generate
+from pneumoclip.synthesize import (
+    MANIFEST,
+    SynthesizeError,
+    draw,
+    load_pipeline,
+    plan,
+    plan_counts,
+    work_key,
+)
+
+# A few steps of every phase: enough to exercise them, quick on a CPU.
+QUICK_SD = {"batch_size": 8, "steps": 12, "checkpoint_every": 4, "sample_every": 6,
+            "sample_per_class": 2, "sample_steps": 4,
+            "domain": {"enabled": True, "caption": "a chest x-ray", "vae_steps": 8,
+                       "vae_lr": 0.002, "vae_kl_weight": 1e-6, "unet_steps": 12,
+                       "unet_lr": 0.001}}
+
+
+def sd_params(root: Path, trained: dict, **overrides) -> Path:
+    """params.yaml for the SD stages under `root`, on the session's base and prepared sample."""
+    base = trained["root"] / "models/base/sd"
+    index = trained["root"] / "prepared/index.csv"
+    return project_params(
+        root,
+        sd_lora=QUICK_SD | {"base_dir": str(base), "index": str(index),
+                            "out_dir": str(root / "sd-lora"),
+                            "checkpoint_dir": str(root / "ckpt")} | overrides,
+        synthesize={"base_dir": str(base), "lora_dir": str(root / "sd-lora"),
+                    "index": str(index), "classifier_dir": str(trained["model"]),
+                    "out_dir": str(root / "synthetic"), "work_dir": str(root / "work"),
+                    "metrics": str(root / "synthetic.json"), "steps": 4, "batch_size": 8,
+                    "counts": {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10},
+                    "probe_per_class": 8},
+    )
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory, trained):
+    """One quick SD LoRA run through the CLI, logged to the session's MLflow server."""
+    root = tmp_path_factory.mktemp("sd")
+    params = sd_params(root, trained)
+    out = cli("sd-lora", "--params", str(params))
+    return {"root": root, "params": params, "lora": root / "sd-lora", "log": out.stdout}
+
+
+def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd):
+    from safetensors.torch import load_file
+
+    weights = load_file(sd["lora"] / LORA_FILE)
+    assert weights and all(k.startswith("unet.") for k in weights)
+    assert any("to_k.lora.down" in k for k in weights) and any("to_out.0" in k for k in weights)
+    meta = json.loads((sd["lora"] / META_FILE).read_text())
+    assert meta["base_in_lora_dir"] and (sd["lora"] / "base/unet").is_dir()
+
+    params = load_section("synthesize", sd["params"])
+    pipe = load_pipeline(params, meta)
+    (image,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
+    assert image.size == (64, 64) and image.mode == "L"
+    # the adapter really is in the pipeline: switching it off changes the picture
+    pipe.disable_lora()
+    (plain,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
+    assert np.abs(np.asarray(image, float) - np.asarray(plain, float)).max() > 0
+
+
+def test_sd_run_is_logged_with_loss_curves_and_sample_grids(sd):
+    from mlflow.tracking import MlflowClient
+
+    meta = json.loads((sd["lora"] / META_FILE).read_text())
+    client = MlflowClient()
+    run = client.get_run(meta["run_id"])
+    assert run.data.params["lora.r"] == "16"
+    assert run.data.tags["dvc_stage"] == "sd_lora"
+    for phase, steps in (("vae", 8), ("unet", 12), ("lora", 12)):
+        history = client.get_metric_history(run.info.run_id, f"{phase}_loss")
+        assert history[-1].step == steps, phase
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert "samples/lora_step00006.png" in samples and "samples/final.png" in samples
+
+
+def kill_at_checkpoint(cmd: list[str], ckpt_root: Path, phase: str) -> None:
+    """Start `cmd` and SIGKILL it as soon as it has checkpointed inside `phase`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            states = list(ckpt_root.glob("*/state.pt"))
+            if states:
+                try:
+                    state = torch.load(states[0], map_location="cpu", weights_only=False)
+                except Exception:  # caught mid-rename; look again
+                    state = None
+                if state and state["phase"] == phase:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    pytest.fail(f"no {phase} checkpoint appeared (exit {proc.returncode})")
+
+
+@pytest.mark.parametrize("phase", ["unet", "lora"])
+def test_an_interrupted_run_resumes_and_ends_where_an_unbroken_one_does(
+    sd, trained, tmp_path, phase
+):
+    from safetensors.torch import load_file
+
+    params = sd_params(tmp_path, trained)
+    kill_at_checkpoint(["pneumoclip", "sd-lora", "--params", str(params)], tmp_path / "ckpt",
+                       phase)
+    assert not (tmp_path / "sd-lora").exists()  # no half-written output
+    out = cli("sd-lora", "--params", str(params))
+    assert f"resuming {phase} from step" in out.stdout
+    assert not any((tmp_path / "ckpt").iterdir())  # cleared after success
+    resumed = load_file(tmp_path / "sd-lora" / LORA_FILE)
+    unbroken = load_file(sd["lora"] / LORA_FILE)
+    assert resumed.keys() == unbroken.keys()
+    for key, value in unbroken.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # one MLflow run, continued rather than duplicated
+    from mlflow.tracking import MlflowClient
+
+    meta = json.loads((tmp_path / "sd-lora" / META_FILE).read_text())
+    history = MlflowClient().get_metric_history(meta["run_id"], "lora_loss")
+    assert history[-1].step == QUICK_SD["steps"]
+
+
+@pytest.fixture(scope="module")
+def synthetic(sd):
+    out = cli("synthesize", "--params", str(sd["params"]))
+    params = load_section("synthesize", sd["params"])
+    return {"params": params, "out": Path(params.out_dir), "log": out.stdout,
+            "report": json.loads(Path(params.metrics).read_text())}
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    with open(folder / MANIFEST, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_manifest_matches_the_files(synthetic, sd):
+    rows = read_manifest(synthetic["out"])
+    files = {p.relative_to(synthetic["out"]).as_posix()
+             for p in synthetic["out"].rglob("*.png") if p.name != "grid.png"}
+    assert {r["file"] for r in rows} == files
+    counts = {c: sum(r["class"] == c for r in rows) for c in ("NORMAL", "BACTERIA", "VIRUS")}
+    assert counts == {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10}
+    lora_sha = json.loads((sd["lora"] / META_FILE).read_text())["lora_sha256"]
+    for i, row in enumerate(rows):
+        assert row["file"].startswith(row["class"] + "/")
+        assert int(row["seed"]) == synthetic["params"].seed + i
+        assert row["lora_sha256"] == lora_sha and row["steps"] == "4"
+        with Image.open(synthetic["out"] / row["file"]) as image:
+            assert image.size == (64, 64) and image.mode == "L"
+    assert (synthetic["out"] / "grid.png").is_file()
+
+
+def test_quality_report_has_consistency_per_class_and_a_two_sample_auroc(synthetic):
+    report = synthetic["report"]
+    rows = read_manifest(synthetic["out"])
+    for cls, stats in report["per_class"].items():
+        mine = [r for r in rows if r["class"] == cls]
+        assert stats["generated"] == len(mine)
+        assert stats["judged"] == max(len(mine), 8)  # probe images top small classes up
+        assert 0.0 <= stats["consistency"] <= 1.0
+    assert report["per_class"]["VIRUS"]["consistency"] == pytest.approx(
+        np.mean([r["predicted"] == "VIRUS" for r in rows if r["class"] == "VIRUS"]))
+    assert 0.0 <= report["two_sample_auroc"] <= 1.0
+    assert "real-vs-synthetic AUROC" in synthetic["log"]
+
+
+def test_generation_is_deterministic_per_seed(synthetic, sd):
+    params = synthetic["params"]
+    meta = json.loads((sd["lora"] / META_FILE).read_text())
+    pipe = load_pipeline(params, meta)
+    row = read_manifest(synthetic["out"])[7]
+    args = (params.steps, params.guidance, meta["resolution"])
+    (alone,) = generate(pipe, [row["prompt"]], [int(row["seed"])], *args)
+    (again,) = generate(pipe, [row["prompt"]], [int(row["seed"])], *args)
+    other = generate(pipe, [row["prompt"]] * 2, [int(row["seed"]) + 1000, int(row["seed"])],
+                     *args)
+    assert np.array_equal(np.asarray(alone), np.asarray(again))  # same call: same bytes
+    # in another batch, the same seed draws the same picture up to float rounding
+    with Image.open(synthetic["out"] / row["file"]) as stored:
+        stored = np.asarray(stored, float)
+    for same in (stored, np.asarray(other[1], float)):
+        diff = np.abs(np.asarray(alone, float) - same)
+        assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
+    assert np.abs(np.asarray(alone, float) - np.asarray(other[0], float)).mean() > 5
+
+
+def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
+    params = dataclasses.replace(
+        load_section("synthesize", sd["params"]),
+        out_dir=str(tmp_path / "synthetic"), work_dir=str(tmp_path / "work"),
+        metrics=str(tmp_path / "m.json"),
+    )
+    meta = json.loads((sd["lora"] / META_FILE).read_text())
+    counts = {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10}
+    rows = plan(params, counts, meta["captions"])
+    from pneumoclip.fsutil import sha256_file
+
+    work = Path(params.work_dir) / work_key(params, sha256_file(sd["lora"] / LORA_FILE), counts)
+    draw(load_pipeline(params, meta), rows[:5], work, params, 64)  # "interrupted" after 5
+    marked = work / rows[2]["file"]
+    Image.new("L", (64, 64), 123).save(marked)  # would be overwritten by a redraw
+    path = tmp_path / "params.yaml"
+    raw = yaml.safe_load(sd["params"].read_text())
+    raw["synthesize"] |= {"out_dir": params.out_dir, "work_dir": params.work_dir,
+                          "metrics": params.metrics}
+    path.write_text(yaml.safe_dump(raw))
+    out = cli("synthesize", "--params", str(path))
+    assert "5 of 26 images already drawn" in out.stdout  # 20 + 6 probe images
+    with Image.open(tmp_path / "synthetic" / rows[2]["file"]) as image:
+        assert set(np.asarray(image).flatten()) == {123}
+    assert not work.exists()  # cleaned after success
+
+
+def test_counts_balance_to_the_largest_class_or_follow_params(sd):
+    params = load_section("synthesize", sd["params"])
+    classes = ["NORMAL", "BACTERIA", "VIRUS"]
+    train = {"NORMAL": 10, "BACTERIA": 25, "VIRUS": 9}
+    balanced = dataclasses.replace(params, counts="balance")
+    assert plan_counts(balanced, train, classes) == {"NORMAL": 15, "BACTERIA": 0, "VIRUS": 16}
+    assert plan_counts(params, train, classes) == {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10}
+    with pytest.raises(SynthesizeError, match="unknown classes.*COVID"):
+        plan_counts(dataclasses.replace(params, counts={"COVID": 3}), train, classes)
+    with pytest.raises(SynthesizeError, match="'balance' or a mapping"):
+        plan_counts(dataclasses.replace(params, counts="even"), train, classes)
+
+
+def test_synthesize_without_a_lora_names_the_stage_to_run(tmp_path, trained):
+    params = sd_params(tmp_path, trained)
+    out = cli("synthesize", "--params", str(params), check=False)
+    assert out.returncode == 1
+    assert "sd_lora.json is missing; run `dvc repro sd_lora`" in out.stderr
+
+
+def test_augmented_variant_adds_only_kept_synthetic_images_to_train(synthetic, tmp_path):
+    from pneumoclip.train_clip import TrainError, read_synthetic
+
+    folder = tmp_path / "synthetic"
+    import shutil
+
+    shutil.copytree(synthetic["out"], folder)
+    rows = read_manifest(folder)
+    rows[0]["kept"] = "0"
+    with open(folder / MANIFEST, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    train, info = read_synthetic(str(folder), ["NORMAL", "BACTERIA", "VIRUS"])
+    assert len(train) == len(rows) - 1 == info["images"]
+    assert {r["split"] for r in train} == {"train"}
+    assert all(Path(r["path"]).is_file() for r in train)
+    assert info["per_class"] == {"NORMAL": 5, "BACTERIA": 4, "VIRUS": 10}
+    with pytest.raises(TrainError, match="manifest.csv is missing"):
+        read_synthetic(str(tmp_path), ["NORMAL", "BACTERIA", "VIRUS"])
