@@ -1,12 +1,11 @@
 """The Bento: serves the classifier that `models:/pneumoclip-classifier@champion` points to.
 
-Two BentoML services in one Bento:
-
-- `Pneumoclip` (the HTTP API) checks and decodes uploads, turns each into the model's pixel
-  tensor, and answers 4xx with a reason for anything it cannot read.
-- `ClipModel` holds the model and runs only the image tower: the class text embeddings are
-  computed once at start-up. Its one API is batchable, so BentoML's adaptive batching merges
-  the images of concurrent requests into one forward pass.
+One BentoML service, `Pneumoclip`: it checks and decodes uploads, answers 4xx with a reason
+for anything it cannot read, and runs only the image tower (the class text embeddings are
+computed once at start-up). Concurrent requests share forward passes through an in-process
+micro-batcher: while one pass runs, new requests queue, and the next pass takes them all.
+(BentoML's adaptive batching needs a second service and an HTTP hop per request; on the
+tiny model that hop cost 3x the forward pass. README, "Benchmark: serving", has both.)
 
 `pneumoclip bento build` imports the champion into the BentoML model store (labels keep the
 MLflow name and version) and builds this Bento.
@@ -14,7 +13,6 @@ MLflow name and version) and builds this Bento.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -31,7 +29,12 @@ if (HERE / "src" / "pneumoclip").is_dir():  # inside the Bento or a checkout: us
 
 from pneumoclip.classifier import ImageError, read_image  # noqa: E402
 from pneumoclip.config import load_section  # noqa: E402
-from pneumoclip.serving import UploadGuard, champion_model, load_classifier  # noqa: E402
+from pneumoclip.serving import (  # noqa: E402
+    MicroBatcher,
+    UploadGuard,
+    champion_model,
+    load_classifier,
+)
 
 SETTINGS = load_section("serve", os.environ.get("PNEUMOCLIP_PARAMS", HERE / "params.yaml"))
 MODEL = champion_model(SETTINGS)
@@ -49,33 +52,25 @@ def check_image(raw: bytes):
         raise InvalidArgument(str(err)) from err
 
 
-@bentoml.service(name="clip_model", workers=1, traffic={"timeout": 60})
-class ClipModel:
-    model = MODEL
-
-    def __init__(self) -> None:
-        self.classifier = load_classifier(self.model)
-
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size,
-                 max_latency_ms=SETTINGS.max_latency_ms)
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        import torch
-
-        logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels))
-        return torch.softmax(logits, dim=-1).numpy()
-
-
 @bentoml.service(name="pneumoclip", workers=1, traffic={"timeout": 60})
 class Pneumoclip:
-    clip_model = bentoml.depends(ClipModel)
     model = MODEL
 
     def __init__(self) -> None:
+        import torch
+
         info = self.model.info
         self.model_name = info.labels.get("mlflow_name", info.tag.name)
         self.model_version = info.labels.get("mlflow_version", "?")
         self.variant = info.labels.get("variant", "?")
-        self.processor, self.classes = load_classifier(self.model, processor_only=True)
+        self.classifier = load_classifier(self.model)
+        self.classes = self.classifier.classes
+
+        def forward(pixels: np.ndarray) -> np.ndarray:
+            logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels))
+            return torch.softmax(logits, dim=-1).numpy()
+
+        self.probabilities = MicroBatcher(forward, SETTINGS.max_batch_size)
 
     def answer(self, probs: np.ndarray) -> dict:
         return {
@@ -88,22 +83,7 @@ class Pneumoclip:
         }
 
     def pixels(self, images: list) -> np.ndarray:
-        return self.processor(images=images, return_tensors="np")["pixel_values"]
-
-    async def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Ask the model service; retry what BentoML's internal client drops under load
-        (a reset connection or an overloaded dispatcher), so a client never sees it."""
-        import aiohttp
-        from bentoml.exceptions import ServiceUnavailable
-
-        for attempt in range(SETTINGS.internal_retries + 1):
-            try:
-                return await self.clip_model.to_async.probabilities(pixels)
-            except (aiohttp.ClientError, ServiceUnavailable):
-                if attempt == SETTINGS.internal_retries:
-                    raise
-                await asyncio.sleep(0.05 * 2**attempt)  # let the batch queue drain
-        raise AssertionError("unreachable")
+        return self.classifier.pixel_values(images).numpy()
 
     @bentoml.api(route="/classify")
     async def classify(self, image: Annotated[Path, ContentType("image/*")]) -> dict:

@@ -36,6 +36,7 @@ def project(tmp_path_factory) -> Path:
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["sd_lora"] |= {"steps": 20, "batch_size": 16, "sample_every": 10}
     raw["sd_lora"]["domain"] |= {"vae_steps": 20, "unet_steps": 30}
+    raw["synthesize"] |= {"probe_per_class": 8}
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run("git", "init", "-q", cwd=dest)
     run("pneumoclip", "sample", "data", cwd=dest)

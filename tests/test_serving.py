@@ -158,3 +158,39 @@ def test_service_start_up_without_the_model_fails_fast_naming_the_alias(tmp_path
     log = (tmp_path / "serve.log").read_text()
     assert "no 'pneumoclip-classifier' in the BentoML model store" in log
     assert "models:/pneumoclip-classifier@champion" in log
+
+
+def test_micro_batcher_merges_concurrent_requests_and_routes_each_answer_back():
+    import asyncio
+    import threading
+    import time
+
+    from pneumoclip.serving import MicroBatcher
+
+    seen, lock = [], threading.Lock()
+
+    def forward(x: np.ndarray) -> np.ndarray:
+        with lock:
+            seen.append(len(x))
+        time.sleep(0.05)  # a forward pass long enough for the others to queue
+        if (x < 0).any():
+            raise ValueError("negative pixels")
+        return x * 10
+
+    async def main():
+        batcher = MicroBatcher(forward, max_batch=8)
+        alone = await batcher(np.array([[1.0]]))  # idle: runs at once, alone
+        calls = [batcher(np.array([[float(i)], [float(i) + 0.5]])) for i in range(10)]
+        answers = await asyncio.gather(*calls)
+        bad = asyncio.gather(batcher(np.array([[-1.0]])), batcher(np.array([[2.0]])),
+                             return_exceptions=True)
+        return alone, answers, await bad, batcher
+
+    alone, answers, bad, batcher = asyncio.run(main())
+    assert alone.tolist() == [[10.0]]
+    for i, answer in enumerate(answers):  # each caller gets its own rows back
+        assert answer.tolist() == [[10.0 * i], [10.0 * i + 5]]
+    assert seen[0] == 1 and max(seen) <= 8 and len(seen) < 11  # batched, within the cap
+    assert sum(seen[1:-1]) == 20
+    assert all(isinstance(b, ValueError) for b in bad)  # one failing batch fails its callers
+    assert not batcher.running and not batcher.pending

@@ -246,9 +246,7 @@ class ServeParams:
     max_bytes: int = 10_000_000  # per uploaded file
     max_request_bytes: int = 50_000_000  # per request body (413 past it)
     max_batch_images: int = 32  # per /classify_batch request
-    max_batch_size: int = 32  # adaptive batching: images per forward pass
-    max_latency_ms: int = 200  # adaptive batching: the longest a request waits
-    internal_retries: int = 4  # front -> model service calls dropped under load
+    max_batch_size: int = 32  # in-process batching: images per forward pass at most
 
 
 SECTIONS: dict[str, type] = {

@@ -83,19 +83,66 @@ def model_dir(bento_model) -> Path:
     return root / flavor["artifacts"][tracking.PYFUNC_ARTIFACT]["path"]
 
 
-def load_classifier(bento_model, processor_only: bool = False):
-    """The ClipClassifier (text embeddings computed once), or just (processor, classes)."""
-    import json
+def load_classifier(bento_model):
+    """The ClipClassifier, with its class text embeddings computed once."""
+    from pneumoclip.classifier import ClipClassifier
 
-    from pneumoclip.classifier import META_FILE, ClipClassifier
+    return ClipClassifier.load(model_dir(bento_model))
 
-    folder = model_dir(bento_model)
-    if processor_only:
-        from transformers import CLIPProcessor
 
-        classes = json.loads((folder / META_FILE).read_text())["classes"]
-        return CLIPProcessor.from_pretrained(str(folder)), classes
-    return ClipClassifier.load(folder)
+class MicroBatcher:
+    """Greedy in-process batching: while one forward pass runs, new requests queue up, and
+    the next pass takes them all (up to `max_batch` images). An idle model runs a request
+    at once, so a lone client never waits for a batch to fill.
+
+    `forward` (images array -> per-image rows) runs in a worker thread, one call at a time;
+    torch releases the GIL, so the event loop keeps accepting requests meanwhile.
+    """
+
+    def __init__(self, forward, max_batch: int) -> None:
+        self.forward, self.max_batch = forward, max_batch
+        self.pending: list[tuple[object, object]] = []  # (array, future)
+        self.running = False
+        self.batch_sizes: list[int] = []
+
+    async def __call__(self, pixels):
+        import asyncio
+
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((pixels, future))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self.drain())
+        return await future
+
+    async def drain(self) -> None:
+        import asyncio
+
+        import numpy as np
+
+        try:
+            while self.pending:
+                batch, size = [], 0
+                while self.pending and (not batch or size + len(self.pending[0][0])
+                                        <= self.max_batch):
+                    batch.append(self.pending.pop(0))
+                    size += len(batch[-1][0])
+                self.batch_sizes.append(size)
+                try:
+                    out = await asyncio.to_thread(
+                        self.forward, np.concatenate([x for x, _ in batch]))
+                except Exception as err:  # every caller of this batch gets the error
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(err)
+                    continue
+                start = 0
+                for x, future in batch:
+                    if not future.done():  # a caller that went away is skipped
+                        future.set_result(out[start : start + len(x)])
+                    start += len(x)
+        finally:
+            self.running = False
 
 
 class UploadGuard:

@@ -285,7 +285,7 @@ def synthesize(params: SynthesizeParams) -> dict:
             writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        grid = sample_grid(rows, index, classes, out)
+        grid = sample_grid(rows, probe, work, index, classes, out)
     Path(params.metrics).parent.mkdir(parents=True, exist_ok=True)
     Path(params.metrics).write_text(json.dumps(report, indent=2) + "\n")
     log_to_sd_run(meta, report, grid, params)
@@ -293,14 +293,16 @@ def synthesize(params: SynthesizeParams) -> dict:
     return report
 
 
-def sample_grid(rows: list[dict], index: list[dict], classes: list[str], out: Path):
-    """Real next to synthetic: per class, 6 real training images then 6 synthetic ones."""
+def sample_grid(rows: list[dict], probe: list[dict], work: Path, index: list[dict],
+                classes: list[str], out: Path):
+    """Real next to synthetic: per class, 6 real training images then 6 synthetic ones
+    (probe images for a class that got none)."""
     from pneumoclip.classifier import read_image
 
     lines, labels = [], []
     for cls in classes:
         real = [r["path"] for r in index if r["split"] == "train" and r["label"] == cls][:6]
-        synth = [out / r["file"] for r in rows if r["class"] == cls][:6]
+        synth = [work / r["file"] for r in rows + probe if r["class"] == cls][:6]
         lines.append([read_image(p) for p in real] + [Image.open(p) for p in synth])
         labels.append(f"{cls}\nreal | synth")
     grid = make_grid(lines, labels)
