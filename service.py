@@ -52,13 +52,15 @@ def check_image(raw: bytes):
         raise InvalidArgument(str(err)) from err
 
 
-@bentoml.service(name="pneumoclip", workers=1, traffic={"timeout": 60})
+@bentoml.service(name="pneumoclip", workers=SETTINGS.workers, traffic={"timeout": 60})
 class Pneumoclip:
     model = MODEL
 
     def __init__(self) -> None:
         import torch
 
+        if SETTINGS.torch_threads:
+            torch.set_num_threads(SETTINGS.torch_threads)
         info = self.model.info
         self.model_name = info.labels.get("mlflow_name", info.tag.name)
         self.model_version = info.labels.get("mlflow_version", "?")

@@ -247,6 +247,8 @@ class ServeParams:
     max_request_bytes: int = 50_000_000  # per request body (413 past it)
     max_batch_images: int = 32  # per /classify_batch request
     max_batch_size: int = 32  # in-process batching: images per forward pass at most
+    workers: int = 1  # server processes, each with its own model and batcher
+    torch_threads: int = 0  # per worker; 0 leaves torch's default (all cores)
 
 
 SECTIONS: dict[str, type] = {
