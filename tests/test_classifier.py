@@ -157,7 +157,8 @@ def test_predict_takes_an_mlflow_model_uri(trained):
 def test_unknown_variant_fails_naming_the_known_ones(trained):
     out = cli("train-clip", "--params", str(trained["params"]), "--variant", "nope", check=False)
     assert out.returncode == 1
-    assert "unknown variant 'nope' (params train_clip.variants: real, control, augmented)" in out.stderr
+    known = "real, control, augmented"
+    assert f"unknown variant 'nope' (params train_clip.variants: {known})" in out.stderr
 
 
 # ---------------------------------------------------------------- units
