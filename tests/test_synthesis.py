@@ -38,6 +38,9 @@ QUICK_SD = {"batch_size": 8, "steps": 12, "checkpoint_every": 4, "sample_every":
                        "unet_lr": 0.001}}
 
 
+NEGATIVE = "a chest x-ray of bacterial pneumonia"
+
+
 def sd_params(root: Path, trained: dict, **overrides) -> Path:
     """params.yaml for the SD stages under `root`, on the session's base and prepared sample."""
     base = trained["root"] / "models/base/sd"
@@ -52,7 +55,7 @@ def sd_params(root: Path, trained: dict, **overrides) -> Path:
                     "out_dir": str(root / "synthetic"), "work_dir": str(root / "work"),
                     "metrics": str(root / "synthetic.json"), "steps": 4, "batch_size": 8,
                     "counts": {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10},
-                    "probe_per_class": 8},
+                    "negative_prompts": {"VIRUS": NEGATIVE}, "probe_per_class": 8},
     )
 
 
@@ -174,6 +177,7 @@ def test_manifest_matches_the_files(synthetic, sd):
         assert row["file"].startswith(row["class"] + "/")
         assert int(row["seed"]) == synthetic["params"].seed + i
         assert row["lora_sha256"] == lora_sha and row["steps"] == "4"
+        assert row["negative_prompt"] == (NEGATIVE if row["class"] == "VIRUS" else "")
         with Image.open(synthetic["out"] / row["file"]) as image:
             assert image.size == (64, 64) and image.mode == "L"
     assert (synthetic["out"] / "grid.png").is_file()
@@ -211,6 +215,13 @@ def test_generation_is_deterministic_per_seed(synthetic, sd):
         diff = np.abs(np.asarray(alone, float) - same)
         assert diff.max() <= 2 and diff.mean() < 0.1, (diff.max(), diff.mean())
     assert np.abs(np.asarray(alone, float) - np.asarray(other[0], float)).mean() > 5
+    # a VIRUS row was drawn with its negative prompt: without it the picture changes
+    virus = next(r for r in read_manifest(synthetic["out"]) if r["class"] == "VIRUS")
+    (negative,) = generate(pipe, [virus["prompt"]], [int(virus["seed"])], *args, [NEGATIVE])
+    (plain,) = generate(pipe, [virus["prompt"]], [int(virus["seed"])], *args)
+    with Image.open(synthetic["out"] / virus["file"]) as stored:
+        assert np.abs(np.asarray(negative, float) - np.asarray(stored, float)).max() <= 2
+    assert np.abs(np.asarray(negative, float) - np.asarray(plain, float)).mean() > 1
 
 
 def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
@@ -251,6 +262,9 @@ def test_counts_balance_to_the_largest_class_or_follow_params(sd):
         plan_counts(dataclasses.replace(params, counts={"COVID": 3}), train, classes)
     with pytest.raises(SynthesizeError, match="'balance' or a mapping"):
         plan_counts(dataclasses.replace(params, counts="even"), train, classes)
+    captions = {c: [f"a chest x-ray, {c}"] for c in classes}
+    with pytest.raises(SynthesizeError, match="negative_prompts names unknown classes.*COVID"):
+        plan(dataclasses.replace(params, negative_prompts={"COVID": "x"}), train, captions)
 
 
 def test_synthesize_without_a_lora_names_the_stage_to_run(tmp_path, trained):

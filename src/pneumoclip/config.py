@@ -206,6 +206,9 @@ class SynthesizeParams:
     steps: int = 20
     guidance: float = 3.0
     scheduler: str = "dpm"  # dpm, ddim, euler or ddpm
+    # class -> a caption to guide away from instead of the empty one (SD's negative prompt),
+    # e.g. {VIRUS: a chest x-ray of bacterial pneumonia}; classes not named use ""
+    negative_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     batch_size: int = 64
     # Drop images whose probability of their own class, by the `real` classifier, is lower.
     # 0 keeps everything.

@@ -131,13 +131,15 @@ def sample_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-             resolution: int) -> list[Image.Image]:
-    """One grayscale image per (prompt, seed); each image has its own CPU generator."""
+             resolution: int, negative: list[str] | None = None) -> list[Image.Image]:
+    """One grayscale image per (prompt, seed); each image has its own CPU generator.
+
+    `negative` prompts replace the empty caption that guidance steers away from."""
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     with torch.no_grad():
-        out = pipe(prompt=prompts, generator=gens, num_inference_steps=steps,
-                   guidance_scale=guidance, height=resolution, width=resolution,
-                   output_type="np").images
+        out = pipe(prompt=prompts, negative_prompt=negative if any(negative or []) else None,
+                   generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                   height=resolution, width=resolution, output_type="np").images
     return [Image.fromarray((im.mean(axis=-1) * 255).round().astype(np.uint8), mode="L")
             for im in out]
 

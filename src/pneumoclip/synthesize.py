@@ -38,8 +38,8 @@ from pneumoclip.prepare import read_index
 from pneumoclip.sd_lora import LORA_FILE, META_FILE, SD_EXPERIMENT, generate, make_grid
 
 MANIFEST = "manifest.csv"
-MANIFEST_FIELDS = ["file", "class", "prompt", "seed", "steps", "guidance", "scheduler",
-                   "lora_sha256", "own_class_prob", "predicted", "kept"]
+MANIFEST_FIELDS = ["file", "class", "prompt", "negative_prompt", "seed", "steps", "guidance",
+                   "scheduler", "lora_sha256", "own_class_prob", "predicted", "kept"]
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
@@ -74,12 +74,17 @@ def plan_counts(params: SynthesizeParams, train_counts: dict[str, int],
 
 
 def plan(params: SynthesizeParams, counts: dict[str, int], captions: dict[str, list[str]]):
-    """(file, class, prompt, seed) per image; the prompt templates take turns."""
+    """(file, class, prompt, negative prompt, seed) per image; the templates take turns."""
+    unknown = sorted(set(params.negative_prompts) - set(captions))
+    if unknown:
+        raise SynthesizeError(f"synthesize.negative_prompts names unknown classes {unknown} "
+                              f"(the LoRA knows {list(captions)})")
     rows, index = [], 0
     for cls, n in counts.items():
         for i in range(n):
             rows.append({"file": f"{cls}/{cls}_{i:05d}.png", "class": cls,
                          "prompt": captions[cls][i % len(captions[cls])],
+                         "negative_prompt": params.negative_prompts.get(cls, ""),
                          "seed": params.seed + index})
             index += 1
     return rows
@@ -94,6 +99,7 @@ def probe_plan(params: SynthesizeParams, rows: list[dict], captions: dict[str, l
         for i in range(max(0, params.probe_per_class - have)):
             probe.append({"file": f"_probe/{cls}/{cls}_{i:05d}.png", "class": cls,
                           "prompt": captions[cls][i % len(captions[cls])],
+                          "negative_prompt": params.negative_prompts.get(cls, ""),
                           "seed": params.seed + index})
             index += 1
     return probe
@@ -101,7 +107,8 @@ def probe_plan(params: SynthesizeParams, rows: list[dict], captions: dict[str, l
 
 def work_key(params: SynthesizeParams, lora_sha: str, counts: dict[str, int]) -> str:
     """What decides the pixels (not the filter or the judge)."""
-    decisive = {k: getattr(params, k) for k in ("seed", "steps", "guidance", "scheduler")}
+    decisive = {k: getattr(params, k)
+                for k in ("seed", "steps", "guidance", "scheduler", "negative_prompts")}
     blob = json.dumps([decisive, lora_sha, counts], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -142,7 +149,8 @@ def draw(pipe, rows: list[dict], work: Path, params: SynthesizeParams, resolutio
               unit="img") as bar:
         for batch in batches(todo, params.batch_size):
             images = generate(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
-                              params.steps, params.guidance, resolution)
+                              params.steps, params.guidance, resolution,
+                              [r["negative_prompt"] for r in batch])
             for row, image in zip(batch, images, strict=True):
                 target = work / row["file"]
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +164,8 @@ def batches(rows: list[dict], size: int):
     """Batches that never mix prompts (one text encoding per batch)."""
     current: list[dict] = []
     for row in rows:
-        if current and (len(current) == size or row["prompt"] != current[0]["prompt"]):
+        if current and (len(current) == size or (row["prompt"], row["negative_prompt"]) != (
+                current[0]["prompt"], current[0]["negative_prompt"])):
             yield current
             current = []
         current.append(row)
