@@ -100,10 +100,11 @@ class MicroBatcher:
     """
 
     def __init__(self, forward, max_batch: int) -> None:
+        from collections import deque
+
         self.forward, self.max_batch = forward, max_batch
-        self.pending: list[tuple[object, object]] = []  # (array, future)
+        self.pending: deque[tuple[object, object]] = deque()  # (array, future)
         self.running = False
-        self.batch_sizes: list[int] = []
 
     async def __call__(self, pixels):
         import asyncio
@@ -125,9 +126,8 @@ class MicroBatcher:
                 batch, size = [], 0
                 while self.pending and (not batch or size + len(self.pending[0][0])
                                         <= self.max_batch):
-                    batch.append(self.pending.pop(0))
+                    batch.append(self.pending.popleft())
                     size += len(batch[-1][0])
-                self.batch_sizes.append(size)
                 try:
                     out = await asyncio.to_thread(
                         self.forward, np.concatenate([x for x, _ in batch]))
