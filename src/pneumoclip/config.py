@@ -118,11 +118,11 @@ class TrainClipParams:
     index: str = "artifacts/prepared/index.csv"
     out_dir: str = "models/clip-lora"
     seed: int = 0
-    epochs: int = 30
-    patience: int = 6
-    batch_size: int = 64
+    epochs: int = 60
+    patience: int = 12
+    batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 0.002
+    lr: float = 0.001
     weight_decay: float = 0.01
     warmup_epochs: int = 1
     mixed_precision: str = "no"
