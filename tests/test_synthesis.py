@@ -19,7 +19,7 @@ from conftest import ROOT, cli, project_params
 from PIL import Image
 
 from pneumoclip.config import load_section
-from pneumoclip.sd_lora import LORA_FILE, META_FILE, generate
+from pneumoclip.sd_lora import LORA_FILE, META_FILE, generate, lora_sha256
 from pneumoclip.synthesize import (
     MANIFEST,
     SynthesizeError,
@@ -68,23 +68,53 @@ def sd(tmp_path_factory, trained):
     return {"root": root, "params": params, "lora": root / "sd-lora", "log": out.stdout}
 
 
-def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd):
+def assert_diffusers_lora(path: Path) -> None:
     from safetensors.torch import load_file
 
-    weights = load_file(sd["lora"] / LORA_FILE)
+    weights = load_file(path)
     assert weights and all(k.startswith("unet.") for k in weights)
     assert any("to_k.lora.down" in k for k in weights) and any("to_out.0" in k for k in weights)
+
+
+def differ(a: Image.Image, b: Image.Image) -> bool:
+    return np.abs(np.asarray(a, float) - np.asarray(b, float)).max() > 0
+
+
+def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd):
     meta = json.loads((sd["lora"] / META_FILE).read_text())
-    assert meta["base_in_lora_dir"] and (sd["lora"] / "base/unet").is_dir()
+    assert meta["per_class"] and meta["base_in_lora_dir"] and (sd["lora"] / "base/unet").is_dir()
+    assert meta["adapters"] == {c: f"lora_{c}.safetensors" for c in ("NORMAL", "BACTERIA", "VIRUS")}
+    for file in meta["adapters"].values():
+        assert_diffusers_lora(sd["lora"] / file)
 
     params = load_section("synthesize", sd["params"])
-    pipe = load_pipeline(params, meta)
+    pipe, adapters = load_pipeline(params, meta)
+    pipe.set_adapters(adapters["VIRUS"])
     (image,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
     assert image.size == (64, 64) and image.mode == "L"
-    # the adapter really is in the pipeline: switching it off changes the picture
+    # each class has its own adapter in the pipeline: another one, or none, draws differently
+    pipe.set_adapters(adapters["NORMAL"])
+    (normal,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
     pipe.disable_lora()
     (plain,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
-    assert np.abs(np.asarray(image, float) - np.asarray(plain, float)).max() > 0
+    assert differ(image, normal) and differ(image, plain) and differ(normal, plain)
+
+
+def test_one_shared_lora_for_all_classes_when_per_class_is_off(tmp_path, trained):
+    params = sd_params(tmp_path, trained, per_class=False, domain=QUICK_SD["domain"] | {
+        "vae_steps": 4, "unet_steps": 4})
+    out = cli("sd-lora", "--params", str(params))
+    assert "1 LoRA adapter(s), 12 steps each" in out.stdout
+    meta = json.loads((tmp_path / "sd-lora" / META_FILE).read_text())
+    assert meta["adapters"] == dict.fromkeys(("NORMAL", "BACTERIA", "VIRUS"), LORA_FILE)
+    assert sorted(p.name for p in (tmp_path / "sd-lora").glob("*.safetensors")) == [LORA_FILE]
+    assert_diffusers_lora(tmp_path / "sd-lora" / LORA_FILE)
+    pipe, adapters = load_pipeline(load_section("synthesize", params), meta)
+    assert set(adapters.values()) == {Path(LORA_FILE).stem}
+    (image,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
+    pipe.disable_lora()
+    (plain,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
+    assert differ(image, plain)
 
 
 def test_sd_run_is_logged_with_loss_curves_and_sample_grids(sd):
@@ -95,11 +125,12 @@ def test_sd_run_is_logged_with_loss_curves_and_sample_grids(sd):
     run = client.get_run(meta["run_id"])
     assert run.data.params["lora.r"] == "16"
     assert run.data.tags["dvc_stage"] == "sd_lora"
-    for phase, steps in (("vae", 8), ("unet", 12), ("lora", 12)):
+    phases = ["vae", "unet"] + [f"lora_{c}" for c in ("NORMAL", "BACTERIA", "VIRUS")]
+    for phase in phases:
         history = client.get_metric_history(run.info.run_id, f"{phase}_loss")
-        assert history[-1].step == steps, phase
+        assert history[-1].step == (8 if phase == "vae" else 12), phase
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert "samples/lora_step00006.png" in samples and "samples/final.png" in samples
+    assert {"samples/lora_VIRUS_step00006.png", "samples/final.png"} <= samples
 
 
 def kill_at_checkpoint(cmd: list[str], ckpt_root: Path, phase: str) -> None:
@@ -126,7 +157,8 @@ def kill_at_checkpoint(cmd: list[str], ckpt_root: Path, phase: str) -> None:
     pytest.fail(f"no {phase} checkpoint appeared (exit {proc.returncode})")
 
 
-@pytest.mark.parametrize("phase", ["unet", "lora"])
+# the second adapter's phase: the first one, finished before the kill, must survive it
+@pytest.mark.parametrize("phase", ["unet", "lora_BACTERIA"])
 def test_an_interrupted_run_resumes_and_ends_where_an_unbroken_one_does(
     sd, trained, tmp_path, phase
 ):
@@ -139,16 +171,19 @@ def test_an_interrupted_run_resumes_and_ends_where_an_unbroken_one_does(
     out = cli("sd-lora", "--params", str(params))
     assert f"resuming {phase} from step" in out.stdout
     assert not any((tmp_path / "ckpt").iterdir())  # cleared after success
-    resumed = load_file(tmp_path / "sd-lora" / LORA_FILE)
-    unbroken = load_file(sd["lora"] / LORA_FILE)
-    assert resumed.keys() == unbroken.keys()
-    for key, value in unbroken.items():
-        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    files = sorted(p.name for p in sd["lora"].glob("*.safetensors"))
+    assert files == sorted(p.name for p in (tmp_path / "sd-lora").glob("*.safetensors"))
+    for file in files:
+        resumed = load_file(tmp_path / "sd-lora" / file)
+        unbroken = load_file(sd["lora"] / file)
+        assert resumed.keys() == unbroken.keys()
+        for key, value in unbroken.items():
+            torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
     # one MLflow run, continued rather than duplicated
     from mlflow.tracking import MlflowClient
 
     meta = json.loads((tmp_path / "sd-lora" / META_FILE).read_text())
-    history = MlflowClient().get_metric_history(meta["run_id"], "lora_loss")
+    history = MlflowClient().get_metric_history(meta["run_id"], "lora_VIRUS_loss")
     assert history[-1].step == QUICK_SD["steps"]
 
 
@@ -200,8 +235,9 @@ def test_quality_report_has_consistency_per_class_and_a_two_sample_auroc(synthet
 def test_generation_is_deterministic_per_seed(synthetic, sd):
     params = synthetic["params"]
     meta = json.loads((sd["lora"] / META_FILE).read_text())
-    pipe = load_pipeline(params, meta)
+    pipe, adapters = load_pipeline(params, meta)
     row = read_manifest(synthetic["out"])[7]
+    pipe.set_adapters(adapters[row["class"]])
     args = (params.steps, params.guidance, meta["resolution"])
     (alone,) = generate(pipe, [row["prompt"]], [int(row["seed"])], *args)
     (again,) = generate(pipe, [row["prompt"]], [int(row["seed"])], *args)
@@ -217,6 +253,7 @@ def test_generation_is_deterministic_per_seed(synthetic, sd):
     assert np.abs(np.asarray(alone, float) - np.asarray(other[0], float)).mean() > 5
     # a VIRUS row was drawn with its negative prompt: without it the picture changes
     virus = next(r for r in read_manifest(synthetic["out"]) if r["class"] == "VIRUS")
+    pipe.set_adapters(adapters["VIRUS"])
     (negative,) = generate(pipe, [virus["prompt"]], [int(virus["seed"])], *args, [NEGATIVE])
     (plain,) = generate(pipe, [virus["prompt"]], [int(virus["seed"])], *args)
     with Image.open(synthetic["out"] / virus["file"]) as stored:
@@ -233,10 +270,9 @@ def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
     meta = json.loads((sd["lora"] / META_FILE).read_text())
     counts = {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10}
     rows = plan(params, counts, meta["captions"])
-    from pneumoclip.fsutil import sha256_file
-
-    work = Path(params.work_dir) / work_key(params, sha256_file(sd["lora"] / LORA_FILE), counts)
-    draw(load_pipeline(params, meta), rows[:5], work, params, 64)  # "interrupted" after 5
+    lora_sha = lora_sha256(sd["lora"], meta["adapters"].values())
+    work = Path(params.work_dir) / work_key(params, lora_sha, counts)
+    draw(*load_pipeline(params, meta), rows[:5], work, params, 64)  # "interrupted" after 5
     marked = work / rows[2]["file"]
     Image.new("L", (64, 64), 123).save(marked)  # would be overwritten by a redraw
     path = tmp_path / "params.yaml"

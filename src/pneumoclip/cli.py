@@ -91,8 +91,10 @@ def sd_lora_cmd(params_path: str) -> None:
         meta = train_sd_lora(section("sd_lora", params_path))
     except SdLoraError as err:
         raise click.ClickException(str(err)) from err
-    click.echo(f"sd_lora: {meta['steps']} LoRA steps, final loss {meta['final_loss']:.4f}, "
-               f"{meta['train_seconds']:.0f} s; MLflow run {meta['run_id']}")
+    adapters = len(set(meta["adapters"].values()))
+    click.echo(f"sd_lora: {adapters} LoRA adapter(s), {meta['steps']} steps each, final loss "
+               f"{meta['final_loss']:.4f}, {meta['train_seconds']:.0f} s; "
+               f"MLflow run {meta['run_id']}")
 
 
 @main.command("synthesize")

@@ -177,6 +177,7 @@ class SdLoraParams:
     steps: int = 400
     warmup_steps: int = 20
     balance: bool = True  # class-balanced batches, so minority classes are learnt as well
+    per_class: bool = True  # one adapter per class on its own images; false: one shared
     caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
     snr_gamma: float = 5.0  # min-SNR loss weighting; 0 turns it off
     noise_offset: float = 0.0

@@ -2,13 +2,14 @@
 
 The recipe follows diffusers' text-to-image LoRA example: DDPM noise on VAE latents, an
 epsilon loss with optional min-SNR weighting and noise offset, LoRA on the UNet attention
-projections (peft), one adapter for all classes with class captions from params, and some
-captions dropped so the pipeline can use classifier-free guidance.
+projections (peft), class captions from params, and some captions dropped so the pipeline
+can use classifier-free guidance. By default each class gets its own adapter, trained on that
+class's images only (`per_class`); `per_class: false` trains one adapter for all classes.
 
 Tiny profile only: a random-init VAE and UNet know nothing about images, and a LoRA on top
 of them cannot learn what an X-ray looks like. `domain` pretraining first trains the tiny
 VAE as an autoencoder and then the whole tiny UNet on every training image; only then is
-the class LoRA fitted. The random text path gives the UNet no text conditioning to build
+the class LoRAs fitted. The random text path gives the UNet no text conditioning to build
 on, so by default the UNet learns it here from the class captions (`class_captions`); with
 one generic caption instead, a 400-step LoRA did not learn the classes (see README). A hub
 base skips all of this (`domain.enabled: false`).
@@ -21,6 +22,7 @@ last checkpoint. Each step draws its batch, noise and timesteps from a generator
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -28,6 +30,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +48,7 @@ from pneumoclip.prepare import read_index
 SD_EXPERIMENT = "pneumoclip-sd"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 META_FILE = "sd_lora.json"
-PHASES = ("vae", "unet", "lora")
+SHARED = "default"  # the adapter name of the one shared LoRA
 
 
 class SdLoraError(RuntimeError):
@@ -64,9 +67,47 @@ def load_images(paths: list[str], resolution: int, desc: str) -> torch.Tensor:
     return out / 127.5 - 1.0
 
 
-def step_generator(seed: int, phase: str, step: int) -> torch.Generator:
+def step_generator(seed: int, phase: int, step: int) -> torch.Generator:
     """The generator for one step: what a step draws depends only on (seed, phase, step)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + PHASES.index(phase) * 100_003 + step)
+    return torch.Generator().manual_seed(seed * 1_000_003 + phase * 100_003 + step)
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def adapters(params: SdLoraParams) -> dict[str, str]:
+    """Class -> adapter name: its own (the class name), or the one shared adapter."""
+    return {c: c if params.per_class else SHARED for c in params.captions}
+
+
+def lora_file(adapter: str) -> str:
+    return LORA_FILE if adapter == SHARED else f"lora_{adapter}.safetensors"
+
+
+def lora_phase(adapter: str) -> str:
+    return "lora" if adapter == SHARED else f"lora_{adapter}"
+
+
+def lora_sha256(folder: str | Path, files) -> str:
+    """The file's sha256 for one adapter; a digest of every file's for several."""
+    files = sorted(set(files))
+    if len(files) == 1:
+        return sha256_file(Path(folder) / files[0])
+    lines = "".join(f"{f}:{sha256_file(Path(folder) / f)}\n" for f in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def load_adapters(pipe, lora_dir: str | Path, meta: dict) -> dict[str, str]:
+    """Load a `sd_lora` output's adapters into a pipeline; returns class -> adapter name."""
+    names = {}
+    with warnings.catch_warnings():  # "multiple adapters in the model": one per class, yes
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        for cls, file in meta["adapters"].items():
+            name = Path(file).stem
+            if name not in names.values():
+                pipe.load_lora_weights(str(lora_dir), weight_name=file, adapter_name=name)
+            names[cls] = name
+    return names
 
 
 def draw_batch(labels: torch.Tensor, size: int, balance: bool, gen: torch.Generator):
@@ -276,8 +317,10 @@ def train_sd_lora(params: SdLoraParams) -> dict:
         parts = load_parts(lora_base)
         summary = trainer.train_lora(parts, images, labels, state)
         summary["train_seconds"] = time.perf_counter() - started
+        files = {c: lora_file(a) for c, a in adapters(params).items()}
         with atomic_dir(params.out_dir) as out:
-            save_lora(parts.unet, out)
+            for adapter in dict.fromkeys(adapters(params).values()):
+                save_lora(parts.unet, out, adapter)
             if params.domain.enabled:
                 shutil.copytree(ckpt.base_dir, out / "base")
             meta = {
@@ -285,7 +328,8 @@ def train_sd_lora(params: SdLoraParams) -> dict:
                 "base_in_lora_dir": params.domain.enabled,
                 "classes": classes, "captions": params.captions,
                 "resolution": params.resolution, "lora": dataclasses.asdict(params.lora),
-                "lora_sha256": sha256_file(out / LORA_FILE), "run_id": run.info.run_id,
+                "per_class": params.per_class, "adapters": files,
+                "lora_sha256": lora_sha256(out, files.values()), "run_id": run.info.run_id,
                 "tracking_uri": tracking.tracking_uri(),
             } | summary
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -314,15 +358,16 @@ def save_domain_base(parts: Parts, out: Path) -> None:
     tmp.rename(out)
 
 
-def save_lora(unet, out: Path) -> None:
-    """The adapter in diffusers' LoRA format, loadable with `pipe.load_lora_weights`."""
+def save_lora(unet, out: Path, adapter: str) -> None:
+    """An adapter in diffusers' LoRA format, loadable with `pipe.load_lora_weights`."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers,
-                                              weight_name=LORA_FILE, safe_serialization=True)
+                                              weight_name=lora_file(adapter),
+                                              safe_serialization=True)
 
 
 class Trainer:
@@ -332,6 +377,8 @@ class Trainer:
                  mlflow, classes: list[str]):
         self.params, self.accelerator, self.ckpt = params, accelerator, ckpt
         self.run_id, self.mlflow, self.classes = run_id, mlflow, classes
+        self.adapters = adapters(params)
+        self.phases = ["vae", "unet", *map(lora_phase, dict.fromkeys(self.adapters.values()))]
 
     def loop(self, phase: str, steps: int, model, trainable, lr: float, loss_fn, state,
              sample=None, extra_state=None) -> float:
@@ -353,7 +400,7 @@ class Trainer:
         bar = tqdm(range(start, steps), desc=f"sd_lora: {phase}", unit="step",
                    initial=start, total=steps)
         for step in bar:
-            gen = step_generator(params.seed, phase, step)
+            gen = step_generator(params.seed, self.phases.index(phase), step)
             with self.accelerator.accumulate(model), self.accelerator.autocast():
                 loss = loss_fn(gen)
                 self.accelerator.backward(loss)
@@ -370,7 +417,7 @@ class Trainer:
             if done % params.checkpoint_every == 0 and done < steps:
                 self.ckpt.save({
                     "phase": phase, "step": done, "losses": losses, "run_id": self.run_id,
-                    "done": list(PHASES[: PHASES.index(phase)]),
+                    "done": self.phases[: self.phases.index(phase)],
                     "model": self.accelerator.unwrap_model(model).state_dict(),
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 } | (extra_state or {}))
@@ -471,30 +518,67 @@ class Trainer:
         unet.requires_grad_(False)
 
     def train_lora(self, parts: Parts, images, labels, state) -> dict:
+        """Each adapter on its classes' images: one per class, or one shared by all."""
         from peft import LoraConfig
 
         params, unet = self.params, parts.unet
         unet.requires_grad_(False)
-        torch.manual_seed(params.seed)  # the adapter's init, the same on a resumed run
-        unet.add_adapter(LoraConfig(
+        torch.manual_seed(params.seed)  # the adapters' init, the same on a resumed run
+        names = list(dict.fromkeys(self.adapters.values()))
+        config = LoraConfig(
             r=params.lora.r, lora_alpha=params.lora.alpha, lora_dropout=params.lora.dropout,
             init_lora_weights="gaussian", target_modules=params.lora.target_modules,
-        ))
-        trainable = [p for p in unet.parameters() if p.requires_grad]
-        loss = self.diffusion_phase("lora", parts, images, labels, params.steps, params.lr,
-                                    trainable, None, state)
-        n_trainable = sum(p.numel() for p in trainable)
-        self.mlflow.log_metric("lora_params", n_trainable)
-        return {"final_loss": loss, "lora_params": n_trainable, "steps": params.steps}
+        )
+        with warnings.catch_warnings():  # "multiple adapters in the model": one per class, yes
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            for name in names:
+                unet.add_adapter(copy.deepcopy(config), adapter_name=name)
+        done = state["done"] if state else []
+        final = dict(state.get("final_losses", {})) if state else {}
+        sizes = {}
+        for name in names:
+            members = [self.classes.index(c) for c, a in self.adapters.items() if a == name]
+            trainable = self.activate(unet, name)
+            sizes[name] = sum(p.numel() for p in trainable)
+            phase = lora_phase(name)
+            if phase in done:  # trained before the interruption; the checkpoint holds it
+                continue
+            keep = torch.isin(labels, torch.tensor(members))
+            final[name] = self.diffusion_phase(
+                phase, parts, images[keep], labels[keep], params.steps, params.lr, trainable,
+                None, state, extra_state={"final_losses": dict(final)},
+            )
+        self.mlflow.log_metric("lora_params", sum(sizes.values()))
+        return {"final_loss": float(np.mean(list(final.values()))), "final_losses": final,
+                "lora_params": sum(sizes.values()), "steps": params.steps,
+                "adapter_steps": params.steps * len(names)}
+
+    @staticmethod
+    def activate(unet, name: str) -> list:
+        """Make `name` the active adapter and the only trainable weights; returns them."""
+        unet.set_adapter(name)
+        trainable = []
+        for key, p in unet.named_parameters():
+            p.requires_grad_(".lora_" in key and f".{name}." in key)
+            if p.requires_grad:
+                trainable.append(p)
+        return trainable
 
     def sample_grid(self, parts: Parts, name: str, captions=None) -> Image.Image:
         """Fixed-seed samples, one row per class, logged to the MLflow run."""
-        params = self.params
+        params, unet = self.params, parts.unet
         captions = captions or {c: params.captions[c][:1] for c in self.classes}
-        pipe = sample_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, parts.unet)
+        pipe = sample_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet)
         n = params.sample_per_class
-        rows = [generate(pipe, [c[0]] * n, list(range(n)), params.sample_steps,
-                         params.sample_guidance, params.resolution) for c in captions.values()]
+        training = unet.active_adapters() if getattr(unet, "peft_config", None) else []
+        rows = []
+        for cls, caption in captions.items():
+            if training and cls in self.adapters:
+                unet.set_adapter(self.adapters[cls])  # each class row with its own adapter
+            rows.append(generate(pipe, [caption[0]] * n, list(range(n)), params.sample_steps,
+                                 params.sample_guidance, params.resolution))
+        if training:
+            self.activate(unet, training[0])
         grid = make_grid(rows, list(captions))
         self.mlflow.log_image(grid, f"samples/{name}.png")
         return grid

@@ -33,9 +33,16 @@ from tqdm import tqdm
 
 from pneumoclip import tracking
 from pneumoclip.config import SynthesizeParams
-from pneumoclip.fsutil import atomic_dir, sha256_file
+from pneumoclip.fsutil import atomic_dir
 from pneumoclip.prepare import read_index
-from pneumoclip.sd_lora import LORA_FILE, META_FILE, SD_EXPERIMENT, generate, make_grid
+from pneumoclip.sd_lora import (
+    META_FILE,
+    SD_EXPERIMENT,
+    generate,
+    load_adapters,
+    lora_sha256,
+    make_grid,
+)
 
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ["file", "class", "prompt", "negative_prompt", "seed", "steps", "guidance",
@@ -117,6 +124,7 @@ def work_key(params: SynthesizeParams, lora_sha: str, counts: dict[str, int]) ->
 
 
 def load_pipeline(params: SynthesizeParams, meta: dict):
+    """The base pipeline with the LoRA adapters; returns it and class -> adapter name."""
     import diffusers
 
     lora_dir = Path(params.lora_dir)
@@ -132,15 +140,17 @@ def load_pipeline(params: SynthesizeParams, meta: dict):
     verbosity = diffusers.utils.logging.get_verbosity()
     diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder": none
     try:
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+        names = load_adapters(pipe, lora_dir, meta)
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, names
 
 
-def draw(pipe, rows: list[dict], work: Path, params: SynthesizeParams, resolution: int) -> None:
-    """Draw every planned image that the work folder lacks, in batches of one prompt."""
+def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
+         params: SynthesizeParams, resolution: int) -> None:
+    """Draw every planned image that the work folder lacks, in batches of one prompt, each
+    with its class's adapter."""
     todo = [r for r in rows if not (work / r["file"]).is_file()]
     if len(todo) < len(rows):
         print(f"synthesize: {len(rows) - len(todo)} of {len(rows)} images already drawn "
@@ -148,6 +158,7 @@ def draw(pipe, rows: list[dict], work: Path, params: SynthesizeParams, resolutio
     with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="synthesize",
               unit="img") as bar:
         for batch in batches(todo, params.batch_size):
+            pipe.set_adapters(adapters[batch[0]["class"]])
             images = generate(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
                               params.steps, params.guidance, resolution,
                               [r["negative_prompt"] for r in batch])
@@ -161,11 +172,14 @@ def draw(pipe, rows: list[dict], work: Path, params: SynthesizeParams, resolutio
 
 
 def batches(rows: list[dict], size: int):
-    """Batches that never mix prompts (one text encoding per batch)."""
+    """Batches that never mix classes or prompts (one adapter, one text encoding per batch)."""
+
+    def key(row: dict) -> tuple:
+        return row["class"], row["prompt"], row["negative_prompt"]
+
     current: list[dict] = []
     for row in rows:
-        if current and (len(current) == size or (row["prompt"], row["negative_prompt"]) != (
-                current[0]["prompt"], current[0]["negative_prompt"])):
+        if current and (len(current) == size or key(row) != key(current[0])):
             yield current
             current = []
         current.append(row)
@@ -272,12 +286,13 @@ def synthesize(params: SynthesizeParams) -> dict:
     counts = plan_counts(params, dict(train_counts), classes)
     rows = plan(params, counts, meta["captions"])
     probe = probe_plan(params, rows, meta["captions"], classes)
-    lora_sha = sha256_file(lora_dir / LORA_FILE)
+    lora_sha = lora_sha256(lora_dir, meta["adapters"].values())
     work = Path(params.work_dir) / work_key(params, lora_sha, counts)
     print("synthesize: " + ", ".join(f"{c} {train_counts.get(c, 0)} real + {n} synthetic"
                                      for c, n in counts.items()))
     if rows or probe:
-        draw(load_pipeline(params, meta), rows + probe, work, params, meta["resolution"])
+        pipe, adapters = load_pipeline(params, meta)
+        draw(pipe, adapters, rows + probe, work, params, meta["resolution"])
     for row in rows:
         row |= {"steps": params.steps, "guidance": params.guidance,
                 "scheduler": params.scheduler, "lora_sha256": lora_sha}
