@@ -72,7 +72,8 @@ def test_repro_builds_everything_then_does_nothing(project):
     assert (project / "artifacts/prepared/index.csv").is_file()
     assert (project / "models/base/clip/model.safetensors").is_file()
     assert (project / "models/base/sd/unet/diffusion_pytorch_model.safetensors").is_file()
-    assert (project / "models/sd-lora/pytorch_lora_weights.safetensors").is_file()
+    for cls in ("NORMAL", "BACTERIA", "VIRUS"):  # one LoRA per class
+        assert (project / f"models/sd-lora/lora_{cls}.safetensors").is_file()
     assert (project / "artifacts/synthetic/manifest.csv").is_file()
     assert (project / "metrics/synthetic.json").is_file()
     for variant in ("real", "control", "augmented"):
