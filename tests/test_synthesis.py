@@ -303,6 +303,14 @@ def test_counts_balance_to_the_largest_class_or_follow_params(sd):
         plan(dataclasses.replace(params, negative_prompts={"COVID": "x"}), train, captions)
 
 
+def test_per_class_adapters_need_class_names_that_can_name_an_adapter(tmp_path, trained):
+    captions = {"NORMAL": ["a"], "BACTERIA": ["b"], "VIRUS": ["c"], "VIRUS.other": ["d"]}
+    out = cli("sd-lora", "--params", str(sd_params(tmp_path, trained, captions=captions)),
+              check=False)
+    assert out.returncode == 1 and "class names must be identifiers" in out.stderr
+    assert "VIRUS.other" in out.stderr and not (tmp_path / "sd-lora").exists()
+
+
 def test_synthesize_without_a_lora_names_the_stage_to_run(tmp_path, trained):
     params = sd_params(tmp_path, trained)
     out = cli("synthesize", "--params", str(params), check=False)

@@ -272,6 +272,9 @@ def train_sd_lora(params: SdLoraParams) -> dict:
     classes = list(params.captions)
     if not classes or any(not c for c in params.captions.values()):
         raise SdLoraError("sd_lora.captions needs at least one caption template per class")
+    if params.per_class and any(not c.isidentifier() for c in classes):
+        raise SdLoraError("with sd_lora.per_class each class names its adapter, so class names "
+                          f"must be identifiers (letters, digits, _): {classes}")
     for path in (params.index, params.base_dir):
         if not Path(path).exists():
             raise SdLoraError(f"{path} is missing; run `dvc repro` for the stages before")
