@@ -101,10 +101,13 @@ def report(work: Path, timings: dict) -> str:
         lines.append(f"| {variant} | {synthetic} | {ci(test, 'accuracy')} | "
                      f"{ci(test, 'macro_f1')} | {recall} | {metrics['val']['macro_f1']:.3f} |")
     quality = json.loads((work / "metrics/synthetic.json").read_text())
-    lines += ["", "| synthetic class | drawn | class consistency | mean own-class prob | "
-              "dropped by filter |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| synthetic class | drawn | class consistency | same judge on real val images "
+              "| mean own-class prob | dropped by filter |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for cls, q in quality["per_class"].items():
+        real = q.get("real_consistency")
         lines.append(f"| {cls} | {q['generated']} | {q['consistency']:.3f} | "
+                     f"{'n/a' if real is None else f'{real:.3f}'} | "
                      f"{q['mean_own_prob']:.3f} | {q['dropped']} |")
     auroc = quality["two_sample_auroc"]
     lines += ["", f"real-vs-synthetic AUROC (logistic regression on the real model's "

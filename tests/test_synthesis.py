@@ -232,6 +232,21 @@ def test_quality_report_has_consistency_per_class_and_a_two_sample_auroc(synthet
     assert "real-vs-synthetic AUROC" in synthetic["log"]
 
 
+def test_real_consistency_is_the_judges_recall_on_real_validation_images(synthetic):
+    from pneumoclip.classifier import ClipClassifier, read_image
+    from pneumoclip.prepare import read_index
+
+    params = synthetic["params"]
+    judge = ClipClassifier.load(params.classifier_dir)
+    val = [r for r in read_index(params.index) if r["split"] == "val"]
+    predicted = [p["label"] for p in judge.predict([read_image(r["path"]) for r in val])]
+    for cls, stats in synthetic["report"]["per_class"].items():
+        hits = [p == cls for r, p in zip(val, predicted, strict=True) if r["label"] == cls]
+        assert stats["real_judged"] == len(hits) > 0
+        assert stats["real_consistency"] == pytest.approx(np.mean(hits), abs=1e-9)
+    assert "(real val images: " in synthetic["log"]
+
+
 def test_generation_is_deterministic_per_seed(synthetic, sd):
     params = synthetic["params"]
     meta = json.loads((sd["lora"] / META_FILE).read_text())

@@ -108,7 +108,9 @@ def synthesize_cmd(params_path: str) -> None:
     except SynthesizeError as err:
         raise click.ClickException(str(err)) from err
     for cls, v in report["per_class"].items():
-        click.echo(f"{cls}: {v['generated']} drawn, class consistency {v['consistency']:.3f}, "
+        real = v["real_consistency"]
+        click.echo(f"{cls}: {v['generated']} drawn, class consistency {v['consistency']:.3f} "
+                   f"(real val images: {'n/a' if real is None else f'{real:.3f}'}), "
                    f"{v['dropped']} dropped by the filter")
     auroc = report["two_sample_auroc"]
     click.echo("real-vs-synthetic AUROC: " + ("n/a (too few images)" if auroc is None

@@ -8,7 +8,9 @@ output `artifacts/synthetic/` is written only at the end, in one move.
 
 Quality, with no pretrained Inception to lean on:
 - class consistency: how often the `real` classifier (which never saw a synthetic image)
-  gives a synthetic image the class it was drawn for;
+  gives a synthetic image the class it was drawn for. Beside it, the same share for the
+  real validation images of the class (`real_consistency`): what images as good as real
+  ones would score, since the judge misses some real cases too;
 - a two-sample test: the cross-validated AUROC of a logistic regression that tells held-out
   real images (the validation split, which neither model trained on) from synthetic ones on
   the `real` classifier's image embeddings. 0.5 means it cannot tell them apart;
@@ -226,7 +228,7 @@ def two_sample_auroc(real: np.ndarray, synthetic: np.ndarray, seed: int) -> floa
 
 
 def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work: Path,
-            val_paths: list[str], classes: list[str]) -> dict:
+            val_rows: list[dict], classes: list[str]) -> dict:
     """Class consistency, the filter and the two-sample AUROC; fills the manifest columns.
 
     Consistency counts the kept-or-not synthetic set plus the probe images of its class."""
@@ -242,9 +244,13 @@ def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work:
         row["own_class_prob"] = f"{own:.6f}"
         row["predicted"] = classes[int(p.argmax())]
         row["kept"] = int(own >= params.filter_threshold)
+    real_probs, real_embeds = judge(classifier, [Path(r["path"]) for r in val_rows])
+    real_predicted = [classes[int(p.argmax())] for p in real_probs]
     per_class = {}
     for cls in classes:
         judged = [r for r in rows + probe if r["class"] == cls]
+        real = [pred == cls for r, pred in zip(val_rows, real_predicted, strict=True)
+                if r["label"] == cls]
         if judged:
             per_class[cls] = {
                 "generated": sum(r["class"] == cls for r in rows),
@@ -252,9 +258,11 @@ def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work:
                 "consistency": float(np.mean([r["predicted"] == cls for r in judged])),
                 "mean_own_prob": float(np.mean([float(r["own_class_prob"]) for r in judged])),
                 "dropped": sum(1 for r in rows if r["class"] == cls and not r["kept"]),
+                "real_consistency": float(np.mean(real)) if real else None,
+                "real_judged": len(real),
             }
     cap = params.two_sample_max
-    real_embeds = judge(classifier, [Path(p) for p in val_paths[:cap]])[1]
+    real_embeds = real_embeds[:cap]
     kept = np.array([bool(r["kept"]) for r in rows + probe], dtype=bool)
     kept[len(rows):] = not rows  # the probe stands in only when nothing was generated
     synth = embeds[kept][:cap]
@@ -265,7 +273,7 @@ def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work:
         "generated": len(rows), "kept": int(kept.sum()),
         "filter_threshold": params.filter_threshold,
         "two_sample_auroc": two_sample_auroc(real_embeds, synth, params.seed),
-        "two_sample_real": min(len(val_paths), cap),
+        "two_sample_real": len(real_embeds),
     }
 
 
@@ -296,8 +304,8 @@ def synthesize(params: SynthesizeParams) -> dict:
     for row in rows:
         row |= {"steps": params.steps, "guidance": params.guidance,
                 "scheduler": params.scheduler, "lora_sha256": lora_sha}
-    val_paths = [r["path"] for r in index if r["split"] == "val"]
-    report = quality(params, rows, probe, work, val_paths, classes) | {
+    val_rows = [r for r in index if r["split"] == "val"]
+    report = quality(params, rows, probe, work, val_rows, classes) | {
         "counts": counts, "train_counts": dict(train_counts), "lora_sha256": lora_sha,
     }
     with atomic_dir(params.out_dir) as out:
@@ -344,6 +352,8 @@ def log_to_sd_run(meta: dict, report: dict, grid, params: SynthesizeParams) -> N
         flat = {"synthetic_generated": report["generated"], "synthetic_kept": report["kept"]}
         for cls, v in report["per_class"].items():
             flat |= {f"consistency_{cls}": v["consistency"], f"dropped_{cls}": v["dropped"]}
+            if v["real_consistency"] is not None:
+                flat[f"real_consistency_{cls}"] = v["real_consistency"]
         if report["two_sample_auroc"] is not None:
             flat["two_sample_auroc"] = report["two_sample_auroc"]
         mlflow.log_metrics(flat)
