@@ -118,8 +118,8 @@ class TrainClipParams:
     index: str = "artifacts/prepared/index.csv"
     out_dir: str = "models/clip-lora"
     seed: int = 0
-    epochs: int = 60
-    patience: int = 12
+    epochs: int = 120
+    patience: int = 24
     batch_size: int = 32
     grad_accum: int = 1
     lr: float = 0.001
