@@ -24,6 +24,7 @@ from pneumoclip.synthesize import (
     MANIFEST,
     SynthesizeError,
     draw,
+    generate_contrast,
     load_pipeline,
     plan,
     plan_counts,
@@ -39,6 +40,7 @@ QUICK_SD = {"batch_size": 8, "steps": 12, "checkpoint_every": 4, "sample_every":
 
 
 NEGATIVE = "a chest x-ray of bacterial pneumonia"
+CONTRAST = {"NORMAL": {"BACTERIA": 25.0}}  # strong: a few-step LoRA barely differs
 
 
 def sd_params(root: Path, trained: dict, **overrides) -> Path:
@@ -55,7 +57,8 @@ def sd_params(root: Path, trained: dict, **overrides) -> Path:
                     "out_dir": str(root / "synthetic"), "work_dir": str(root / "work"),
                     "metrics": str(root / "synthetic.json"), "steps": 4, "batch_size": 8,
                     "counts": {"NORMAL": 6, "BACTERIA": 4, "VIRUS": 10},
-                    "negative_prompts": {"VIRUS": NEGATIVE}, "probe_per_class": 8},
+                    "negative_prompts": {"VIRUS": NEGATIVE}, "contrast": CONTRAST,
+                    "probe_per_class": 8},
     )
 
 
@@ -213,6 +216,7 @@ def test_manifest_matches_the_files(synthetic, sd):
         assert int(row["seed"]) == synthetic["params"].seed + i
         assert row["lora_sha256"] == lora_sha and row["steps"] == "4"
         assert row["negative_prompt"] == (NEGATIVE if row["class"] == "VIRUS" else "")
+        assert row["contrast"] == ("BACTERIA:25" if row["class"] == "NORMAL" else "")
         with Image.open(synthetic["out"] / row["file"]) as image:
             assert image.size == (64, 64) and image.mode == "L"
     assert (synthetic["out"] / "grid.png").is_file()
@@ -276,6 +280,32 @@ def test_generation_is_deterministic_per_seed(synthetic, sd):
     assert np.abs(np.asarray(negative, float) - np.asarray(plain, float)).mean() > 1
 
 
+def test_class_contrast_guidance_steers_away_from_the_other_classes_adapters(synthetic, sd):
+    params = synthetic["params"]
+    meta = json.loads((sd["lora"] / META_FILE).read_text())
+    pipe, adapters = load_pipeline(params, meta)
+    row = next(r for r in read_manifest(synthetic["out"]) if r["class"] == "NORMAL")
+    pipe.set_adapters(adapters["NORMAL"])
+    args = ([row["prompt"]], [int(row["seed"])], params.steps, params.guidance,
+            meta["resolution"], [""])
+    bacteria = meta["captions"]["BACTERIA"][0]
+
+    def contrast(weight: float) -> np.ndarray:
+        (image,) = generate_contrast(pipe, adapters["NORMAL"],
+                                     [(adapters["BACTERIA"], bacteria, weight)], *args)
+        return np.asarray(image, float)
+
+    (plain,) = generate(pipe, *args)
+    plain = np.asarray(plain, float)
+    # weight 0 is the pipeline's own sampling, step for step
+    assert np.array_equal(contrast(0.0), plain)
+    steered = contrast(CONTRAST["NORMAL"]["BACTERIA"])
+    with Image.open(synthetic["out"] / row["file"]) as stored:
+        assert np.abs(steered - np.asarray(stored, float)).max() <= 2  # how the row was drawn
+    assert np.abs(steered - plain).mean() > 1
+    assert pipe.get_active_adapters() == [adapters["NORMAL"]]  # left as it was found
+
+
 def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
     params = dataclasses.replace(
         load_section("synthesize", sd["params"]),
@@ -287,7 +317,8 @@ def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
     rows = plan(params, counts, meta["captions"])
     lora_sha = lora_sha256(sd["lora"], meta["adapters"].values())
     work = Path(params.work_dir) / work_key(params, lora_sha, counts)
-    draw(*load_pipeline(params, meta), rows[:5], work, params, 64)  # "interrupted" after 5
+    # "interrupted" after 5 images
+    draw(*load_pipeline(params, meta), rows[:5], work, params, 64, meta["captions"])
     marked = work / rows[2]["file"]
     Image.new("L", (64, 64), 123).save(marked)  # would be overwritten by a redraw
     path = tmp_path / "params.yaml"
@@ -316,6 +347,10 @@ def test_counts_balance_to_the_largest_class_or_follow_params(sd):
     captions = {c: [f"a chest x-ray, {c}"] for c in classes}
     with pytest.raises(SynthesizeError, match="negative_prompts names unknown classes.*COVID"):
         plan(dataclasses.replace(params, negative_prompts={"COVID": "x"}), train, captions)
+    with pytest.raises(SynthesizeError, match="contrast names unknown classes.*COVID"):
+        plan(dataclasses.replace(params, contrast={"VIRUS": {"COVID": 1.0}}), train, captions)
+    with pytest.raises(SynthesizeError, match="contrast.VIRUS contrasts VIRUS with itself"):
+        plan(dataclasses.replace(params, contrast={"VIRUS": {"VIRUS": 1.0}}), train, captions)
 
 
 def test_per_class_adapters_need_class_names_that_can_name_an_adapter(tmp_path, trained):

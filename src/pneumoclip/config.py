@@ -205,11 +205,16 @@ class SynthesizeParams:
     counts: str | dict[str, int] = "balance"
     seed: int = 0
     steps: int = 20
-    guidance: float = 3.0
+    guidance: float = 7.5
     scheduler: str = "dpm"  # dpm, ddim, euler or ddpm
     # class -> a caption to guide away from instead of the empty one (SD's negative prompt),
     # e.g. {VIRUS: a chest x-ray of bacterial pneumonia}; classes not named use ""
     negative_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    # class -> {other class: weight}: class-contrast guidance. At every sampling step the
+    # noise prediction also moves by weight * (own - other), where `other` is the other
+    # class's adapter and caption, so a class's images are steered away from the others.
+    contrast: dict[str, dict[str, float]] = dataclasses.field(
+        default_factory=lambda: {"VIRUS": {"BACTERIA": 4.5, "NORMAL": 1.5}})
     batch_size: int = 64
     # Drop images whose probability of their own class, by the `real` classifier, is lower.
     # 0 keeps everything.

@@ -47,8 +47,9 @@ from pneumoclip.sd_lora import (
 )
 
 MANIFEST = "manifest.csv"
-MANIFEST_FIELDS = ["file", "class", "prompt", "negative_prompt", "seed", "steps", "guidance",
-                   "scheduler", "lora_sha256", "own_class_prob", "predicted", "kept"]
+MANIFEST_FIELDS = ["file", "class", "prompt", "negative_prompt", "contrast", "seed", "steps",
+                   "guidance", "scheduler", "lora_sha256", "own_class_prob", "predicted",
+                   "kept"]
 SCHEDULERS = {
     "dpm": "DPMSolverMultistepScheduler",
     "ddim": "DDIMScheduler",
@@ -82,20 +83,41 @@ def plan_counts(params: SynthesizeParams, train_counts: dict[str, int],
     return {c: params.counts.get(c, 0) for c in classes}
 
 
+def check_classes(params: SynthesizeParams, classes: list[str]) -> None:
+    """negative_prompts and contrast may name only the LoRA's classes."""
+    named = {"negative_prompts": set(params.negative_prompts),
+             "contrast": set(params.contrast).union(*params.contrast.values())}
+    for key, names in named.items():
+        unknown = sorted(names - set(classes))
+        if unknown:
+            raise SynthesizeError(f"synthesize.{key} names unknown classes {unknown} "
+                                  f"(the LoRA knows {classes})")
+    for cls, others in params.contrast.items():
+        if cls in others:
+            raise SynthesizeError(f"synthesize.contrast.{cls} contrasts {cls} with itself")
+
+
+def contrast_text(params: SynthesizeParams, cls: str) -> str:
+    """The manifest's record of a class's contrast, e.g. "BACTERIA:4.5 NORMAL:1.5"."""
+    return " ".join(f"{c}:{w:g}" for c, w in params.contrast.get(cls, {}).items())
+
+
+def image_row(params: SynthesizeParams, cls: str, file: str, prompt: str, seed: int) -> dict:
+    return {"file": file, "class": cls, "prompt": prompt,
+            "negative_prompt": params.negative_prompts.get(cls, ""),
+            "contrast": contrast_text(params, cls), "seed": seed}
+
+
 def plan(params: SynthesizeParams, counts: dict[str, int], captions: dict[str, list[str]]):
-    """(file, class, prompt, negative prompt, seed) per image; the templates take turns."""
-    unknown = sorted(set(params.negative_prompts) - set(captions))
-    if unknown:
-        raise SynthesizeError(f"synthesize.negative_prompts names unknown classes {unknown} "
-                              f"(the LoRA knows {list(captions)})")
-    rows, index = [], 0
+    """One row (file, class, prompt, negative prompt, contrast, seed) per image; the
+    templates take turns."""
+    check_classes(params, list(captions))
+    rows = []
     for cls, n in counts.items():
         for i in range(n):
-            rows.append({"file": f"{cls}/{cls}_{i:05d}.png", "class": cls,
-                         "prompt": captions[cls][i % len(captions[cls])],
-                         "negative_prompt": params.negative_prompts.get(cls, ""),
-                         "seed": params.seed + index})
-            index += 1
+            rows.append(image_row(params, cls, f"{cls}/{cls}_{i:05d}.png",
+                                  captions[cls][i % len(captions[cls])],
+                                  params.seed + len(rows)))
     return rows
 
 
@@ -106,10 +128,8 @@ def probe_plan(params: SynthesizeParams, rows: list[dict], captions: dict[str, l
     for cls in classes:
         have = sum(r["class"] == cls for r in rows)
         for i in range(max(0, params.probe_per_class - have)):
-            probe.append({"file": f"_probe/{cls}/{cls}_{i:05d}.png", "class": cls,
-                          "prompt": captions[cls][i % len(captions[cls])],
-                          "negative_prompt": params.negative_prompts.get(cls, ""),
-                          "seed": params.seed + index})
+            probe.append(image_row(params, cls, f"_probe/{cls}/{cls}_{i:05d}.png",
+                                   captions[cls][i % len(captions[cls])], params.seed + index))
             index += 1
     return probe
 
@@ -117,7 +137,8 @@ def probe_plan(params: SynthesizeParams, rows: list[dict], captions: dict[str, l
 def work_key(params: SynthesizeParams, lora_sha: str, counts: dict[str, int]) -> str:
     """What decides the pixels (not the filter or the judge)."""
     decisive = {k: getattr(params, k)
-                for k in ("seed", "steps", "guidance", "scheduler", "negative_prompts")}
+                for k in ("seed", "steps", "guidance", "scheduler", "negative_prompts",
+                         "contrast")}
     blob = json.dumps([decisive, lora_sha, counts], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -150,9 +171,9 @@ def load_pipeline(params: SynthesizeParams, meta: dict):
 
 
 def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
-         params: SynthesizeParams, resolution: int) -> None:
+         params: SynthesizeParams, resolution: int, captions: dict[str, list[str]]) -> None:
     """Draw every planned image that the work folder lacks, in batches of one prompt, each
-    with its class's adapter."""
+    with its class's adapter (and the other classes' ones where `contrast` asks)."""
     todo = [r for r in rows if not (work / r["file"]).is_file()]
     if len(todo) < len(rows):
         print(f"synthesize: {len(rows) - len(todo)} of {len(rows)} images already drawn "
@@ -160,10 +181,14 @@ def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
     with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="synthesize",
               unit="img") as bar:
         for batch in batches(todo, params.batch_size):
-            pipe.set_adapters(adapters[batch[0]["class"]])
-            images = generate(pipe, [r["prompt"] for r in batch], [r["seed"] for r in batch],
-                              params.steps, params.guidance, resolution,
-                              [r["negative_prompt"] for r in batch])
+            cls = batch[0]["class"]
+            pipe.set_adapters(adapters[cls])
+            args = ([r["prompt"] for r in batch], [r["seed"] for r in batch], params.steps,
+                    params.guidance, resolution, [r["negative_prompt"] for r in batch])
+            others = [(adapters[c], captions[c][0], w)
+                      for c, w in params.contrast.get(cls, {}).items()]
+            images = (generate_contrast(pipe, adapters[cls], others, *args) if others
+                      else generate(pipe, *args))
             for row, image in zip(batch, images, strict=True):
                 target = work / row["file"]
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +196,42 @@ def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
                 image.save(tmp, format="PNG")
                 os.replace(tmp, target)  # a kill never leaves half a PNG behind
             bar.update(len(batch))
+
+
+def generate_contrast(pipe, own: str, others: list[tuple[str, str, float]],
+                      prompts: list[str], seeds: list[int], steps: int, guidance: float,
+                      resolution: int, negative: list[str]) -> list[Image.Image]:
+    """`generate` with class-contrast guidance, in the pipeline's own steps.
+
+    Classifier-free guidance as usual with the class's adapter (`own`), plus, per other
+    class, weight * (own prediction - that class's adapter's prediction for its caption):
+    the other classes' adapters say what the image should not look like. With every weight
+    at 0 this draws what `generate` draws."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    n = len(prompts)
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True,
+                                          negative if any(negative) else None)
+        texts = [pipe.encode_prompt([caption] * n, "cpu", 1, False)[0]
+                 for _, caption, _ in others]
+        pipe.scheduler.set_timesteps(steps)
+        latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, resolution,
+                                       resolution, cond.dtype, "cpu", gens)
+        extra = pipe.prepare_extra_step_kwargs(gens, 0.0)
+        for t in pipe.scheduler.timesteps:
+            x = pipe.scheduler.scale_model_input(latents, t)
+            pipe.set_adapters(own)
+            free, mine = pipe.unet(torch.cat([x, x]), t, torch.cat([uncond, cond])).sample.chunk(2)
+            noise = free + guidance * (mine - free)
+            for (adapter, _, weight), text in zip(others, texts, strict=True):
+                pipe.set_adapters(adapter)
+                noise = noise + weight * (mine - pipe.unet(x, t, text).sample)
+            latents = pipe.scheduler.step(noise, t, latents, **extra).prev_sample
+        pipe.set_adapters(own)
+        images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        images = pipe.image_processor.postprocess(images, output_type="np")
+    return [Image.fromarray((im.mean(axis=-1) * 255).round().astype(np.uint8), mode="L")
+            for im in images]
 
 
 def batches(rows: list[dict], size: int):
@@ -300,7 +361,7 @@ def synthesize(params: SynthesizeParams) -> dict:
                                      for c, n in counts.items()))
     if rows or probe:
         pipe, adapters = load_pipeline(params, meta)
-        draw(pipe, adapters, rows + probe, work, params, meta["resolution"])
+        draw(pipe, adapters, rows + probe, work, params, meta["resolution"], meta["captions"])
     for row in rows:
         row |= {"steps": params.steps, "guidance": params.guidance,
                 "scheduler": params.scheduler, "lora_sha256": lora_sha}
