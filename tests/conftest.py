@@ -20,6 +20,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep progress bars from flooding logs
 
 
+# A test that needs one of these trains models or starts servers: it runs in the full suite
+# only, not in the fast lane (`pytest -m "not slow"`).
+SLOW_FIXTURES = {"trained", "sd", "synthetic", "project", "bento", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 def write_xray(path: Path, seed: int, size: int = 32) -> Path:
     """A small real JPEG (random grayscale pixels) at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,30 +135,12 @@ def mlflow_server(tmp_path_factory):
 
 
 def project_params(root: Path, **sections) -> Path:
-    """A params.yaml under `root` whose outputs stay under `root`; `sections` override keys
-    as {"train_clip": {"epochs": 2}}."""
-    import yaml
+    """The project's params.yaml relocated under `root` (outputs stay there), on the bundled
+    sample; `sections` override keys, nested mappings merged: {"train_clip": {"epochs": 2}}."""
+    from pneumoclip.config import write_relocated
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["base_models"]["out_dir"] = str(root / "models/base")
-    raw["prepare"] |= {"data_dir": str(SAMPLE), "out_dir": str(root / "prepared")}
-    raw["train_clip"] |= {
-        "base_dir": str(root / "models/base/clip"), "index": str(root / "prepared/index.csv"),
-        "out_dir": str(root / "models/clip-lora"),
-    }
-    for variant in raw["train_clip"]["variants"].values():
-        variant["train_data"] = str(root / (
-            "prepared/index.csv" if variant["train_data"].endswith(".csv") else "synthetic"
-        ))
-    raw["evaluate"] |= {
-        "models_dir": str(root / "models/clip-lora"), "base_dir": str(root / "models/base/clip"),
-        "index": str(root / "prepared/index.csv"), "out_dir": str(root / "metrics"),
-    }
-    for section, values in sections.items():
-        raw[section] |= values
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
+    sections["prepare"] = {"data_dir": str(SAMPLE)} | sections.get("prepare", {})
+    return write_relocated(root, ROOT / "params.yaml", **sections)
 
 
 EPOCHS = 4  # enough to see the loss fall on the sample, quick on a CPU

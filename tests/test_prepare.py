@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,12 +13,13 @@ from click.testing import CliRunner
 from conftest import ROOT, many_patients, write_xray
 
 from pneumoclip.cli import main
-from pneumoclip.config import PrepareParams
+from pneumoclip.config import load_section
 from pneumoclip.prepare import Rejected, parse_label, patient_id, prepare, read_index
 
 
 def run_prepare(data: Path, out: Path, **kw):
-    params = PrepareParams(data_dir=str(data), out_dir=str(out), **kw)
+    shipped = load_section("prepare", ROOT / "params.yaml")
+    params = dataclasses.replace(shipped, data_dir=str(data), out_dir=str(out), **kw)
     report = prepare(params)
     return report, read_index(out / "index.csv")
 

@@ -65,13 +65,15 @@ def prepare_cmd(params_path: str, data_dir: str | None, out_dir: str | None) -> 
 
 @main.command("train-clip")
 @params_option
-@click.option("--variant", required=True, help="A key of train_clip.variants (real, control).")
+@click.option("--variant", required=True, help="A key of the variants section (real, control).")
 def train_clip_cmd(params_path: str, variant: str) -> None:
     """Stage: fine-tune CLIP with LoRA for one variant into models/clip-lora/VARIANT/."""
     from pneumoclip.train_clip import TrainError, train_variant
 
     try:
-        summary = train_variant(section("train_clip", params_path), variant)
+        summary = train_variant(
+            section("train_clip", params_path), section("variants", params_path), variant
+        )
     except TrainError as err:
         raise click.ClickException(str(err)) from err
     click.echo(

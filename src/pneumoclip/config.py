@@ -1,7 +1,9 @@
 """Typed settings: each stage loads its own section of params.yaml into a dataclass.
 
-Unknown keys and values of the wrong type fail with a message that names the key, so a typo
-in params.yaml never silently falls back to a default.
+params.yaml is the one source of every value: the dataclasses have no defaults. Unknown
+keys, missing keys and values of the wrong type fail with a message that names the key, so
+a typo in params.yaml never silently falls back to a default. Fields made with `path()` hold
+project-relative paths, which `relocate` moves under a work folder (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -22,248 +24,250 @@ class ParamsError(ValueError):
     """params.yaml does not match the typed settings."""
 
 
+def path() -> Any:
+    """A field that holds a path relative to the project root."""
+    return dataclasses.field(metadata={"path": True})
+
+
 # ---------------------------------------------------------------- stage sections
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TinyClip:
-    """A random-init CLIP of the real architecture, small enough for a CPU."""
+    """A seeded random-init CLIP of the real architecture, small enough for a CPU."""
 
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    text_hidden: int = 64
-    text_layers: int = 2
-    heads: int = 2
-    projection_dim: int = 64
-    max_text_len: int = 32
+    image_size: int
+    patch_size: int
+    vision_hidden: int
+    vision_layers: int
+    text_hidden: int
+    text_layers: int
+    heads: int
+    projection_dim: int
+    max_text_len: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TinySD:
     """A random-init Stable Diffusion (UNet, VAE, text encoder) of the real classes."""
 
-    resolution: int = 64
-    unet_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
-    vae_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
-    latent_channels: int = 4
-    text_hidden: int = 32
-    text_layers: int = 2
-    heads: int = 2
-    max_text_len: int = 32
-    train_timesteps: int = 1000
+    resolution: int
+    unet_channels: list[int]
+    vae_channels: list[int]
+    latent_channels: int
+    text_hidden: int
+    text_layers: int
+    heads: int
+    max_text_len: int
+    train_timesteps: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BaseModelSource:
     """`tiny` builds the built-in architecture; anything else is a Hugging Face repo id."""
 
-    source: str = "tiny"
-    revision: str = "main"
+    source: str
+    revision: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BaseModelsParams:
-    seed: int = 0
-    out_dir: str = "models/base"
-    clip: BaseModelSource = dataclasses.field(default_factory=BaseModelSource)
-    sd: BaseModelSource = dataclasses.field(default_factory=BaseModelSource)
-    tiny_clip: TinyClip = dataclasses.field(default_factory=TinyClip)
-    tiny_sd: TinySD = dataclasses.field(default_factory=TinySD)
+    seed: int
+    out_dir: str = path()
+    clip: BaseModelSource
+    sd: BaseModelSource
+    tiny_clip: TinyClip
+    tiny_sd: TinySD
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PrepareParams:
-    data_dir: str = "data"
-    out_dir: str = "artifacts/prepared"
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    extensions: list[str] = dataclasses.field(default_factory=lambda: [".jpeg", ".jpg", ".png"])
+    data_dir: str = path()
+    out_dir: str = path()
+    val_fraction: float
+    test_fraction: float
+    seed: int
+    extensions: list[str]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoraParams:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
+    r: int
+    alpha: int
+    dropout: float
     # A regex (peft full-matches it against module names) or a list of name suffixes.
     # A bare `q_proj` would match both towers; name the tower in the pattern.
-    target_modules: str = r".*vision_model.*\.(q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
-    modules_to_save: list[str] = dataclasses.field(default_factory=list)
+    target_modules: str
+    modules_to_save: list[str]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AugmentParams:
-    shift: float = 0.05  # fraction of the image
-    scale: float = 0.1  # +- relative zoom
-    rotate: float = 7.0  # +- degrees
-    brightness: float = 0.1  # +- in units of the normalised intensity
-    contrast: float = 0.1  # +- relative
+    shift: float  # fraction of the image
+    scale: float  # +- relative zoom
+    rotate: float  # +- degrees
+    brightness: float  # +- in units of the normalised intensity
+    contrast: float  # +- relative
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class VariantParams:
-    balance: bool = False  # class-balanced sampling (the control)
+    balance: bool  # class-balanced sampling (the control)
     # A file (the prepare index) adds nothing to the real training split; a folder (a
     # synthesize output) adds its kept synthetic images. dvc.yaml lists it as a
     # dependency, so only the variants that use synthetic images wait for synthesis.
-    train_data: str = "artifacts/prepared/index.csv"
+    train_data: str = path()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainClipParams:
-    base_dir: str = "models/base/clip"
-    index: str = "artifacts/prepared/index.csv"
-    out_dir: str = "models/clip-lora"
-    seed: int = 0
-    epochs: int = 120
-    patience: int = 24
-    batch_size: int = 32
-    grad_accum: int = 1
-    lr: float = 0.001
-    weight_decay: float = 0.01
-    warmup_epochs: int = 1
-    mixed_precision: str = "no"
-    calibrate: bool = True  # fit a softmax temperature on validation
-    lora: LoraParams = dataclasses.field(default_factory=LoraParams)
-    augment: AugmentParams = dataclasses.field(default_factory=AugmentParams)
-    prompts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-    variants: dict[str, VariantParams] = dataclasses.field(default_factory=dict)
+    base_dir: str = path()
+    index: str = path()
+    out_dir: str = path()
+    seed: int
+    epochs: int
+    patience: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: int
+    mixed_precision: str
+    calibrate: bool  # fit a softmax temperature on validation
+    lora: LoraParams
+    augment: AugmentParams
+    prompts: dict[str, list[str]]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SdLoraAdapter:
-    r: int = 16
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = dataclasses.field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"]
-    )
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: list[str]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DomainPretrain:
     """Tiny profile only: teach the random-init VAE and UNet what an X-ray looks like first.
 
     A pretrained hub base already knows images; set `enabled: false` for one.
     """
 
-    enabled: bool = True
+    enabled: bool
     # A random-init text path has no conditioning at all; with class_captions the tiny UNet
     # learns it here from the class captions, else from `caption` alone (no class signal).
-    class_captions: bool = True
-    caption: str = "a chest x-ray"
-    vae_steps: int = 300
-    vae_lr: float = 0.002
-    vae_kl_weight: float = 1e-6
-    unet_steps: int = 800
-    unet_lr: float = 0.001
+    class_captions: bool
+    caption: str
+    vae_steps: int
+    vae_lr: float
+    vae_kl_weight: float
+    unet_steps: int
+    unet_lr: float
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SdLoraParams:
-    base_dir: str = "models/base/sd"
-    index: str = "artifacts/prepared/index.csv"
-    out_dir: str = "models/sd-lora"
-    checkpoint_dir: str = ".checkpoints/sd_lora"
-    seed: int = 0
-    resolution: int = 64
-    batch_size: int = 64
-    grad_accum: int = 1
-    mixed_precision: str = "no"
-    lr: float = 0.001
-    steps: int = 400
-    warmup_steps: int = 20
-    balance: bool = True  # class-balanced batches, so minority classes are learnt as well
-    per_class: bool = True  # one adapter per class on its own images; false: one shared
-    caption_dropout: float = 0.1  # empty caption, for classifier-free guidance
-    snr_gamma: float = 5.0  # min-SNR loss weighting; 0 turns it off
-    noise_offset: float = 0.0
-    checkpoint_every: int = 100
-    sample_every: int = 200
-    sample_per_class: int = 4
-    sample_steps: int = 20
-    sample_guidance: float = 3.0
-    lora: SdLoraAdapter = dataclasses.field(default_factory=SdLoraAdapter)
-    domain: DomainPretrain = dataclasses.field(default_factory=DomainPretrain)
-    captions: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    base_dir: str = path()
+    index: str = path()
+    out_dir: str = path()
+    checkpoint_dir: str = path()
+    seed: int
+    resolution: int
+    batch_size: int
+    grad_accum: int
+    mixed_precision: str
+    lr: float
+    steps: int
+    warmup_steps: int
+    balance: bool  # class-balanced batches, so minority classes are learnt as well
+    per_class: bool  # one adapter per class on its own images; false: one shared
+    caption_dropout: float  # empty caption, for classifier-free guidance
+    snr_gamma: float  # min-SNR loss weighting; 0 turns it off
+    noise_offset: float
+    checkpoint_every: int
+    sample_every: int
+    sample_per_class: int
+    sample_steps: int
+    sample_guidance: float
+    lora: SdLoraAdapter
+    domain: DomainPretrain
+    captions: dict[str, list[str]]
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SynthesizeParams:
-    base_dir: str = "models/base/sd"
-    lora_dir: str = "models/sd-lora"
-    index: str = "artifacts/prepared/index.csv"
-    classifier_dir: str = "models/clip-lora/real"  # judges class consistency
-    out_dir: str = "artifacts/synthetic"
-    work_dir: str = ".checkpoints/synthesize"
-    metrics: str = "metrics/synthetic.json"
+    base_dir: str = path()
+    lora_dir: str = path()
+    index: str = path()
+    classifier_dir: str = path()  # judges class consistency
+    out_dir: str = path()
+    work_dir: str = path()
+    metrics: str = path()
     # "balance": bring every class up to the largest class of the training split;
     # or a mapping of class -> number of images.
-    counts: str | dict[str, int] = "balance"
-    seed: int = 0
-    steps: int = 20
-    guidance: float = 7.5
-    scheduler: str = "dpm"  # dpm, ddim, euler or ddpm
+    counts: str | dict[str, int]
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str  # dpm, ddim, euler or ddpm
     # class -> a caption to guide away from instead of the empty one (SD's negative prompt),
     # e.g. {VIRUS: a chest x-ray of bacterial pneumonia}; classes not named use ""
-    negative_prompts: dict[str, str] = dataclasses.field(default_factory=dict)
+    negative_prompts: dict[str, str]
     # class -> {other class: weight}: class-contrast guidance. At every sampling step the
     # noise prediction also moves by weight * (own - other), where `other` is the other
     # class's adapter and caption, so a class's images are steered away from the others.
-    contrast: dict[str, dict[str, float]] = dataclasses.field(
-        default_factory=lambda: {"VIRUS": {"BACTERIA": 4.5, "NORMAL": 1.5}})
-    batch_size: int = 64
+    contrast: dict[str, dict[str, float]]
+    batch_size: int
     # Drop images whose probability of their own class, by the `real` classifier, is lower.
     # 0 keeps everything.
-    filter_threshold: float = 0.0
-    two_sample_max: int = 1000  # images per side in the real-vs-synthetic test
+    filter_threshold: float
+    two_sample_max: int  # images per side in the real-vs-synthetic test
     # Classes with fewer synthetic images than this get extra ones, judged for class
     # consistency but never added to the set (under "balance" the largest class gets none).
-    probe_per_class: int = 64
+    probe_per_class: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvaluateParams:
-    models_dir: str = "models/clip-lora"
-    base_dir: str = "models/base/clip"
-    index: str = "artifacts/prepared/index.csv"
-    out_dir: str = "metrics"
-    bootstrap: int = 1000
-    ece_bins: int = 15
-    seed: int = 0
+    models_dir: str = path()
+    base_dir: str = path()
+    index: str = path()
+    out_dir: str = path()
+    bootstrap: int
+    ece_bins: int
+    seed: int
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RegisterParams:
-    models_dir: str = "models/clip-lora"
-    metrics_dir: str = "metrics"
-    variants: list[str] = dataclasses.field(default_factory=list)  # candidates
-    model_name: str = "pneumoclip-classifier"
-    alias: str = "champion"
-    out: str = "artifacts/registry.json"
+    models_dir: str = path()
+    metrics_dir: str = path()
+    variants: list[str]  # candidates
+    model_name: str
+    alias: str
+    out: str = path()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ServeParams:
-    model_name: str = "pneumoclip-classifier"
-    alias: str = "champion"
-    bento_name: str = "pneumoclip"
-    max_pixels: int = 4_000_000  # decompression-bomb guard per image
-    max_bytes: int = 10_000_000  # per uploaded file
-    max_request_bytes: int = 50_000_000  # per request body (413 past it)
-    max_batch_images: int = 32  # per /classify_batch request
-    max_batch_size: int = 32  # in-process batching: images per forward pass at most
-    workers: int = 1  # server processes, each with its own model and batcher
-    torch_threads: int = 0  # per worker; 0 leaves torch's default (all cores)
+    model_name: str
+    alias: str
+    max_pixels: int  # decompression-bomb guard per image
+    max_bytes: int  # per uploaded file
+    max_request_bytes: int  # per request body (413 past it)
+    max_batch_images: int  # per /classify_batch request
+    max_batch_size: int  # in-process batching: images per forward pass at most
+    workers: int  # server processes, each with its own model and batcher
+    torch_threads: int  # per worker; 0 leaves torch's default (all cores)
 
 
-SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, Any] = {
     "base_models": BaseModelsParams,
     "prepare": PrepareParams,
     "train_clip": TrainClipParams,
+    # one entry per classifier variant: train_clip@, evaluate@ and register follow it
+    "variants": dict[str, VariantParams],
     "sd_lora": SdLoraParams,
     "synthesize": SynthesizeParams,
     "evaluate": EvaluateParams,
@@ -286,7 +290,7 @@ def load_section(section: str, path: str | Path = DEFAULT_PARAMS) -> Any:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     unknown = sorted(set(raw) - set(SECTIONS))
@@ -294,7 +298,15 @@ def load_section(section: str, path: str | Path = DEFAULT_PARAMS) -> Any:
         raise ParamsError(
             f"{path}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})"
         )
-    return from_dict(SECTIONS[section], raw.get(section) or {}, section)
+    return _convert(SECTIONS[section], raw.get(section) or {}, section)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """YAML 1.2, as DVC reads params.yaml: `dvc exp run -S` rewrites the file unquoted, and a
+    YAML 1.1 reader (PyYAML) would then take `mixed_precision: no` for the boolean false."""
+    from ruamel.yaml import YAML
+
+    return YAML(typ="safe", pure=True).load(Path(path).read_text())
 
 
 def from_dict(cls: type[T], data: Any, where: str) -> T:
@@ -308,6 +320,9 @@ def from_dict(cls: type[T], data: Any, where: str) -> T:
             raise ParamsError(
                 f"unknown key {where}.{key} (known in {where}: {', '.join(fields)})"
             )
+    missing = [key for key in fields if key not in data]
+    if missing:
+        raise ParamsError(f"missing key {where}.{missing[0]} (params.yaml sets every key)")
     values = {key: _convert(hints[key], value, f"{where}.{key}") for key, value in data.items()}
     return cls(**values)
 
@@ -350,3 +365,57 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 def _show(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
+
+
+# ---------------------------------------------------------------- relocation
+
+
+def relocate(raw: dict, root: str | Path) -> dict:
+    """A copy of a params mapping whose relative `path()` values lie under `root`.
+
+    Tests and benchmarks run the stages on their own copy of the project this way; the
+    stages themselves only ever see the paths they are given.
+    """
+    return {name: _relocate(SECTIONS[name], value, Path(root)) if name in SECTIONS else value
+            for name, value in raw.items()}
+
+
+def _relocate(tp: Any, value: Any, root: Path) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        out = dict(value)
+        for field in dataclasses.fields(tp):
+            if field.name not in out:
+                continue
+            if field.metadata.get("path") and not Path(out[field.name]).is_absolute():
+                out[field.name] = str(root / out[field.name])
+            else:
+                out[field.name] = _relocate(hints[field.name], out[field.name], root)
+        return out
+    if typing.get_origin(tp) is dict and isinstance(value, dict):
+        item = typing.get_args(tp)[1]
+        return {k: _relocate(item, v, root) for k, v in value.items()}
+    return value
+
+
+def write_relocated(root: str | Path, source: str | Path = DEFAULT_PARAMS,
+                    **overrides: dict) -> Path:
+    """`root/params.yaml`: `source` relocated under `root`, with per-section key overrides
+    (`train_clip={"epochs": 2}`). Nested settings sections merge key by key; a value that is
+    itself a mapping (prompts, counts, contrast) is replaced whole. Returns its path."""
+    raw = relocate(read_yaml(source), root)
+    for section, values in overrides.items():
+        raw[section] = _merge(SECTIONS[section], raw.get(section) or {}, values)
+    out = Path(root) / "params.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def _merge(tp: Any, base: dict, new: dict) -> dict:
+    if not dataclasses.is_dataclass(tp):
+        return new
+    hints = typing.get_type_hints(tp)
+    return base | {k: _merge(hints[k], base.get(k) or {}, v)
+                   if isinstance(v, dict) and dataclasses.is_dataclass(hints.get(k)) else v
+                   for k, v in new.items()}
