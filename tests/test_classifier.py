@@ -3,6 +3,7 @@ against a real MLflow server and the bundled sample."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_lora_touches_only_the_vision_tower(trained):
     assert lora, keys[:5]
     assert all("vision_model" in k for k in lora)
     # modules_to_save names match by suffix, so the norms and position embedding of the
-    # text tower are trained fully too (the README says so); LoRA stays in the vision tower
+    # text tower are trained fully too (docs/pipeline.md says so); LoRA stays in the vision tower
     saved = {k.split(".")[-2] for k in keys if "lora_" not in k}  # modules_to_save
     assert saved == set(load_section("train_clip", ROOT / "params.yaml").lora.modules_to_save)
 
@@ -99,9 +100,18 @@ def test_evaluate_writes_metrics_plots_and_logs_them(trained):
     out = cli("evaluate", "--params", str(trained["params"]), "--variant", "real")
     assert "real: test accuracy" in out.stdout
     metrics_dir = trained["root"] / "metrics"
-    metrics = json.loads((metrics_dir / "real.json").read_text())
+    metrics = json.loads((metrics_dir / "real/details.json").read_text())
+    # the headline file that `dvc metrics show` lists: a few numbers, the same ones
+    headline = json.loads((metrics_dir / "real.json").read_text())
+    assert headline == {"accuracy": metrics["test"]["accuracy"],
+                        "macro_f1": metrics["test"]["macro_f1"],
+                        "balanced_accuracy": metrics["test"]["balanced_accuracy"],
+                        **{f"recall_{c}": m["recall"]
+                           for c, m in metrics["test"]["per_class"].items()},
+                        "val_macro_f1": metrics["val"]["macro_f1"]}
     test = metrics["test"]
-    n_test = sum(r["split"] == "test" for r in read_index(trained["root"] / "prepared/index.csv"))
+    index = read_index(trained["root"] / "artifacts/prepared/index.csv")
+    n_test = sum(r["split"] == "test" for r in index)
     assert test["n"] == n_test
     for key in ("accuracy", "macro_f1", "balanced_accuracy", "ece"):
         assert 0 <= test[key] <= 1, key
@@ -115,14 +125,26 @@ def test_evaluate_writes_metrics_plots_and_logs_them(trained):
     assert metrics["majority_baseline"]["label"] in {"NORMAL", "BACTERIA", "VIRUS"}
     confusion = (metrics_dir / "real/confusion.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == n_test + 1
-    for png in ("confusion.png", "roc.png"):
+    for png in ("test.png", "training.png"):
         assert Image.open(metrics_dir / "real" / png).size[0] > 300
+    for cls in ("NORMAL", "BACTERIA", "VIRUS"):  # one ROC file per class, from (0,0) to (1,1)
+        roc = (metrics_dir / f"real/roc/{cls}.csv").read_text().splitlines()
+        assert roc[0] == "fpr,tpr" and roc[-1] == "1.0,1.0"
+    reliability = list(csv.DictReader(open(metrics_dir / "real/reliability.csv")))
+    assert sum(int(r["count"]) for r in reliability) == n_test
+    ece = sum(int(r["count"]) * abs(float(r["accuracy"]) - float(r["confidence"]))
+              for r in reliability) / n_test
+    assert ece == pytest.approx(test["ece"], abs=1e-9)  # the plot is the ECE's own terms
+    training = list(csv.DictReader(open(metrics_dir / "real/training.csv")))
+    val = json.loads((trained["model"] / "val_metrics.json").read_text())
+    assert [int(r["epoch"]) for r in training] == [h["epoch"] for h in val["history"]]
     run_id = json.loads((trained["model"] / "mlflow_run.json").read_text())["run_id"]
     run = MlflowClient(trained["uri"]).get_run(run_id)
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     assert "test_recall_VIRUS" in run.data.metrics
     artifacts = {a.path for a in MlflowClient(trained["uri"]).list_artifacts(run_id, "evaluation")}
-    assert {"evaluation/real.json", "evaluation/confusion.png", "evaluation/roc.png"} <= artifacts
+    expected = {f"evaluation/{name}" for name in ("details.json", "test.png", "training.png")}
+    assert expected <= artifacts
 
 
 def test_predict_prints_a_table_and_isolates_unreadable_files(trained, tmp_path):
@@ -158,7 +180,7 @@ def test_unknown_variant_fails_naming_the_known_ones(trained):
     out = cli("train-clip", "--params", str(trained["params"]), "--variant", "nope", check=False)
     assert out.returncode == 1
     known = "real, control, augmented"
-    assert f"unknown variant 'nope' (params train_clip.variants: {known})" in out.stderr
+    assert f"unknown variant 'nope' (params variants: {known})" in out.stderr
 
 
 # ---------------------------------------------------------------- units

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from pneumoclip import tracking
 from pneumoclip.classifier import ClipClassifier, read_image
 from pneumoclip.config import EvaluateParams
 from pneumoclip.prepare import read_index
+
+# metrics/VARIANT.json holds the headline numbers, metrics/VARIANT/details.json everything
+DETAILS = "details.json"
 
 
 class EvaluateError(RuntimeError):
@@ -102,8 +106,32 @@ def classification_metrics(
 # ---------------------------------------------------------------- plots
 
 
-def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str):
-    """DVC plot data (CSV) and the same figures as PNG."""
+def reliability_bins(y: np.ndarray, probs: np.ndarray, bins: int) -> list[dict]:
+    """Per equal-width confidence bin: mean confidence, accuracy and count (the ECE's terms)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            out.append({"confidence": float(confidence[inside].mean()),
+                        "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
+    return out
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str,
+                history: list[dict], bins: int):
+    """DVC plot data (CSV: confusion, one ROC file per class, reliability, training curves)
+    and the same figures as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,55 +139,72 @@ def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str],
 
     out.mkdir(parents=True, exist_ok=True)
     pred = probs.argmax(axis=1)
-    with open(out / "confusion.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["actual", "predicted"])
-        writer.writerows([classes[a], classes[p]] for a, p in zip(y, pred, strict=True))
-    with open(out / "roc.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class", "fpr", "tpr"])
-        for i, name in enumerate(classes):
-            if 0 < (y == i).sum() < len(y):
-                fpr, tpr, _ = roc_curve(y == i, probs[:, i])
-                writer.writerows(
-                    [name, f"{a:.5f}", f"{b:.5f}"] for a, b in zip(fpr, tpr, strict=True)
-                )
+    write_csv(out / "confusion.csv", [{"actual": classes[a], "predicted": classes[p]}
+                                      for a, p in zip(y, pred, strict=True)])
+    shutil.rmtree(out / "roc", ignore_errors=True)
+    curves = {}
+    for i, name in enumerate(classes):
+        if 0 < (y == i).sum() < len(y):
+            fpr, tpr, _ = roc_curve(y == i, probs[:, i])
+            curves[name] = (fpr, tpr, roc_auc_score(y == i, probs[:, i]))
+            write_csv(out / "roc" / f"{name}.csv", [{"fpr": round(float(a), 5),
+                                                     "tpr": round(float(b), 5)}
+                                                    for a, b in zip(fpr, tpr, strict=True)])
+    reliability = reliability_bins(y, probs, bins)
+    write_csv(out / "reliability.csv", reliability)
+    write_csv(out / "training.csv", history)
 
     matrix = confusion_matrix(y, pred, labels=list(range(len(classes))))
-    fig, ax = plt.subplots(figsize=(4.6, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+    ax = axes[0]
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
         color = "white" if value > matrix.max() / 2 else "black"
         ax.text(j, i, str(value), ha="center", va="center", color=color)
     ax.set_xticks(range(len(classes)), classes)
     ax.set_yticks(range(len(classes)), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("actual")
-    ax.set_title(f"{title}: confusion (test)")
+    ax.set(xlabel="predicted", ylabel="actual", title=f"{title}: confusion (test)")
+    ax = axes[1]
+    for name, (fpr, tpr, auroc) in curves.items():
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.2f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"{title}: one-vs-rest ROC (test)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax = axes[2]
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.plot([b["confidence"] for b in reliability], [b["accuracy"] for b in reliability], "o-")
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"{title}: reliability (test)")
     fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=120)
+    fig.savefig(out / "test.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(4.6, 4))
-    for i, name in enumerate(classes):
-        if 0 < (y == i).sum() < len(y):
-            fpr, tpr, _ = roc_curve(y == i, probs[:, i])
-            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y == i, probs[:, i]):.2f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(f"{title}: one-vs-rest ROC (test)")
-    ax.legend(loc="lower right", fontsize=8)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train loss")
+    ax.plot(epochs, [h["val_macro_f1"] for h in history], label="val macro-F1")
+    ax.set(xlabel="epoch", title=f"{title}: training")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "roc.png", dpi=120)
+    fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)
+
+
+def headline(metrics: dict) -> dict:
+    """The few numbers `dvc metrics show` lists per variant; the rest is in details.json."""
+    test = metrics["test"]
+    return {"accuracy": test["accuracy"], "macro_f1": test["macro_f1"],
+            "balanced_accuracy": test["balanced_accuracy"],
+            **{f"recall_{c}": m["recall"] for c, m in test["per_class"].items()},
+            "val_macro_f1": metrics["val"]["macro_f1"]}
 
 
 # ---------------------------------------------------------------- the stage
 
 
 def load_images(paths: list[str], desc: str) -> list:
-    return [read_image(p) for p in tqdm(paths, desc=desc, unit="img")]
+    return [read_image(p) for p in tqdm(paths, desc=desc, unit="img", disable=None)]
 
 
 def zero_shot(params: EvaluateParams, prompts: dict, images: list, y: np.ndarray) -> dict:
@@ -205,9 +250,9 @@ def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
         },
     }
     out = Path(params.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{variant}.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    write_plots(out / variant, y, probs, classes, variant)
+    write_plots(out / variant, y, probs, classes, variant, val["history"], params.ece_bins)
+    (out / variant / DETAILS).write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / f"{variant}.json").write_text(json.dumps(headline(metrics), indent=2) + "\n")
     log_to_run(model_dir, variant, metrics, out)
     return metrics
 
@@ -232,6 +277,5 @@ def log_to_run(model_dir: Path, variant: str, metrics: dict, out: Path) -> None:
     with mlflow.start_run(run_id=run_id, run_name=variant if not run_id else None,
                           tags=None if run_id else tags):
         mlflow.log_metrics(flat)
-        mlflow.log_artifact(str(out / f"{variant}.json"), "evaluation")
-        for name in ("confusion.png", "roc.png"):
+        for name in (DETAILS, "test.png", "training.png"):
             mlflow.log_artifact(str(out / variant / name), "evaluation")

@@ -136,7 +136,8 @@ def scan(data_dir: Path, extensions: list[str]) -> tuple[list[Record], list[dict
 
     records: list[Record] = []
     allowed = {e.lower() for e in extensions}
-    for file, source, class_folder in tqdm(candidates, desc="prepare: reading", unit="img"):
+    reading = tqdm(candidates, desc="prepare: reading", unit="img", disable=None)
+    for file, source, class_folder in reading:
         try:
             if file.suffix.lower() not in allowed:
                 raise Rejected(f"extension {file.suffix!r} is not one of {sorted(allowed)}")

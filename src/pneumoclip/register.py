@@ -14,6 +14,7 @@ from pathlib import Path
 from pneumoclip import tracking
 from pneumoclip.classifier import META_FILE
 from pneumoclip.config import RegisterParams
+from pneumoclip.evaluate import DETAILS
 
 SELECTION_METRIC = "val_macro_f1"
 
@@ -33,7 +34,7 @@ def candidates(params: RegisterParams) -> list[dict]:
         except FileNotFoundError as err:
             raise RegistryError(f"variant {variant}: {err.filename} is missing; "
                                 f"run `dvc repro train_clip@{variant}`") from err
-        test_file = Path(params.metrics_dir) / f"{variant}.json"
+        test_file = Path(params.metrics_dir) / variant / DETAILS
         test = json.loads(test_file.read_text())["test"] if test_file.is_file() else {}
         synthetic = json.loads((folder / META_FILE).read_text()).get("synthetic") or {}
         found.append({"variant": variant, "val": val, "test": test, "run": run,

@@ -78,6 +78,8 @@ def run_tags(stage: str, variant: str | None = None) -> dict[str, str]:
     tags = {"git_commit": git_commit(), "dvc_stage": stage, "data_dvc_md5": dvc_hash()}
     if variant:
         tags["variant"] = variant
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`: the same name in both UIs
+        tags["dvc_exp"] = os.environ["DVC_EXP_NAME"]
     return tags
 
 

@@ -31,7 +31,7 @@ from pneumoclip.classifier import (
     read_image,
     tokenize_prompts,
 )
-from pneumoclip.config import AugmentParams, TrainClipParams
+from pneumoclip.config import AugmentParams, TrainClipParams, VariantParams
 from pneumoclip.fsutil import atomic_dir, sha256_file
 from pneumoclip.prepare import read_index
 
@@ -46,7 +46,7 @@ class TrainError(RuntimeError):
 def load_pixels(processor, paths: list[str], desc: str, batch: int = 64) -> torch.Tensor:
     """Decode and preprocess every image once, with the model's own processor."""
     chunks = []
-    with tqdm(total=len(paths), desc=desc, unit="img") as bar:
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar:
         for i in range(0, len(paths), batch):
             images = [read_image(p) for p in paths[i : i + batch]]
             chunks.append(processor(images=images, return_tensors="pt")["pixel_values"])
@@ -165,15 +165,27 @@ def scores(labels: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
 # ---------------------------------------------------------------- the stage
 
 
-def train_variant(params: TrainClipParams, variant: str) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import CLIPModel, CLIPProcessor, get_cosine_schedule_with_warmup
+@dataclasses.dataclass
+class TrainData:
+    """What one variant trains and validates on."""
 
-    if variant not in params.variants:
-        raise TrainError(f"unknown variant {variant!r} (params train_clip.variants: "
-                         f"{', '.join(params.variants)})")
-    settings = params.variants[variant]
+    classes: list[str]
+    train_rows: list[dict]
+    val_rows: list[dict]
+    synthetic: dict | None  # what identifies the synthetic set, for `augmented`
+
+
+@dataclasses.dataclass
+class Fit:
+    """The result of the epoch loop: the best epoch's weights are loaded into the model."""
+
+    history: list[dict]
+    best: dict
+    train_seconds: float
+    temperature: float
+
+
+def read_data(params: TrainClipParams, name: str, variant: VariantParams) -> TrainData:
     classes = list(params.prompts)
     if not classes or any(not templates for templates in params.prompts.values()):
         raise TrainError("train_clip.prompts needs at least one template per class")
@@ -188,119 +200,153 @@ def train_variant(params: TrainClipParams, variant: str) -> dict:
     if not train_rows or not val_rows:
         raise TrainError(f"{params.index} needs train and val rows")
     synthetic = None
-    if Path(settings.train_data).is_dir():  # a synthesize output: add its kept images
-        synthetic_rows, synthetic = read_synthetic(settings.train_data, classes)
+    if Path(variant.train_data).is_dir():  # a synthesize output: add its kept images
+        synthetic_rows, synthetic = read_synthetic(variant.train_data, classes)
         train_rows = train_rows + synthetic_rows  # never val or test
-    elif not Path(settings.train_data).is_file():
-        raise TrainError(f"train_clip.variants.{variant}.train_data: {settings.train_data} "
-                         "is missing (the prepare index, or a synthesize output folder)")
+    elif not Path(variant.train_data).is_file():
+        raise TrainError(f"variants.{name}.train_data: {variant.train_data} is missing "
+                         "(the prepare index, or a synthesize output folder)")
+    return TrainData(classes, train_rows, val_rows, synthetic)
 
-    set_seed(params.seed)
+
+def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, processor,
+        data: TrainData, mlflow) -> tuple[object, object, Fit]:
+    """Train the LoRA, keep the best epoch by validation macro-F1, fit the temperature."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
     accelerator = Accelerator(
         mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.grad_accum
     )
-    processor = CLIPProcessor.from_pretrained(params.base_dir)
-    clip = CLIPModel.from_pretrained(params.base_dir)
-    source = json.loads((Path(params.base_dir) / "pneumoclip_source.json").read_text())
     model = add_lora(clip, params)
-    n_trainable, n_total = model.get_nb_trainable_parameters()
-
-    label_id = {c: i for i, c in enumerate(classes)}
-    train_x = load_pixels(processor, [r["path"] for r in train_rows], f"{variant}: train images")
-    val_x = load_pixels(processor, [r["path"] for r in val_rows], f"{variant}: val images")
-    train_y = torch.tensor([label_id[r["label"]] for r in train_rows])
-    val_y = np.array([label_id[r["label"]] for r in val_rows])
+    label_id = {c: i for i, c in enumerate(data.classes)}
+    train_x = load_pixels(processor, [r["path"] for r in data.train_rows], f"{name}: train")
+    val_x = load_pixels(processor, [r["path"] for r in data.val_rows], f"{name}: val")
+    train_y = torch.tensor([label_id[r["label"]] for r in data.train_rows])
+    val_y = np.array([label_id[r["label"]] for r in data.val_rows])
     gen = torch.Generator().manual_seed(params.seed)
-    data = loader(train_x, train_y, params, settings.balance, gen)
+    batches = loader(train_x, train_y, params, variant.balance, gen)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
-    steps_per_epoch = math.ceil(len(data) / params.grad_accum)
+    steps_per_epoch = math.ceil(len(batches) / params.grad_accum)
     schedule = get_cosine_schedule_with_warmup(
         optimizer, params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch
     )
-    model, optimizer, data, schedule = accelerator.prepare(model, optimizer, data, schedule)
+    model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
     device = accelerator.device
     tokens = tokenize_prompts(processor.tokenizer, params.prompts, device)
 
-    mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
-    stage = f"train_clip@{variant}"
-    config = dataclasses.asdict(params)
-    config.pop("variants")
     history, best, best_state, stale = [], None, None, 0
     started = time.perf_counter()
-    tags = tracking.run_tags(stage, variant) | {
-        "synthetic_dvc_md5": synthetic["dvc_md5"] if synthetic else "none",
-        "synthetic_manifest_sha256": synthetic["manifest_sha256"] if synthetic else "none",
-    }
-    with mlflow.start_run(run_name=variant, tags=tags) as run:
-        mlflow.log_params(tracking.flatten(config) | tracking.flatten(
-            dataclasses.asdict(settings), "variant."
-        ) | {"trainable_params": n_trainable, "total_params": n_total,
-             "train_images": len(train_rows), "val_images": len(val_rows),
-             "synthetic_images": synthetic["images"] if synthetic else 0})
-        for epoch in range(1, params.epochs + 1):
-            model.train()
-            losses = []
-            bar = tqdm(data, desc=f"{variant}: epoch {epoch}/{params.epochs}", unit="batch")
-            for pixel_values, labels in bar:
-                with accelerator.accumulate(model), accelerator.autocast():
-                    x = augment(pixel_values, params.augment, gen)
-                    loss = F.cross_entropy(class_logits(clip, tokens, x), labels.to(device))
-                    accelerator.backward(loss)
-                    optimizer.step()
-                    schedule.step()
-                    optimizer.zero_grad()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
-            model.eval()
-            with accelerator.autocast():
-                val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device)
-            val = scores(val_y, val_logits.float())
-            record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
-                      "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
-            history.append(record)
-            mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            tqdm.write(f"{variant}: epoch {epoch} loss {record['train_loss']:.4f} "
-                       f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}")
-            if best is None or val["macro_f1"] > best["val_macro_f1"]:
-                best, stale = record, 0
-                best_state = copy.deepcopy(trainable_state(model))
-            else:
-                stale += 1
-                if stale >= params.patience:
-                    tqdm.write(f"{variant}: early stop, no val macro-F1 gain in {stale} epochs")
-                    break
-        train_seconds = time.perf_counter() - started
-        load_trainable_state(model, best_state)
+    for epoch in range(1, params.epochs + 1):
+        model.train()
+        losses = []
+        # a bar on a terminal; in a log (no TTY) only the one line per epoch below
+        bar = tqdm(batches, desc=f"{name}: epoch {epoch}/{params.epochs}", unit="batch",
+                   disable=None, leave=False)
+        for pixel_values, labels in bar:
+            with accelerator.accumulate(model), accelerator.autocast():
+                x = augment(pixel_values, params.augment, gen)
+                loss = F.cross_entropy(class_logits(clip, tokens, x), labels.to(device))
+                accelerator.backward(loss)
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
         model.eval()
-        val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device).float()
-        temperature = (
-            fit_temperature(val_logits, torch.from_numpy(val_y)) if params.calibrate else 1.0
-        )
-        summary = {
-            "variant": variant, "best_epoch": best["epoch"], "epochs_run": len(history),
-            "val_accuracy": best["val_accuracy"], "val_macro_f1": best["val_macro_f1"],
-            "temperature": temperature, "train_seconds": train_seconds,
-            "trainable_params": n_trainable, "history": history,
-        }
+        with accelerator.autocast():
+            val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device)
+        val = scores(val_y, val_logits.float())
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+                  "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
+        history.append(record)
+        mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+        print(f"{name}: epoch {epoch}/{params.epochs} loss {record['train_loss']:.4f} "
+              f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}", flush=True)
+        if best is None or val["macro_f1"] > best["val_macro_f1"]:
+            best, stale = record, 0
+            best_state = copy.deepcopy(trainable_state(model))
+        else:
+            stale += 1
+            if stale >= params.patience:
+                print(f"{name}: early stop, no val macro-F1 gain in {stale} epochs", flush=True)
+                break
+    train_seconds = time.perf_counter() - started
+    load_trainable_state(model, best_state)
+    model.eval()
+    val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device).float()
+    temperature = (
+        fit_temperature(val_logits, torch.from_numpy(val_y)) if params.calibrate else 1.0
+    )
+    return accelerator, model, Fit(history, best, train_seconds, temperature)
+
+
+def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
+               data: TrainData, result: Fit, source: dict) -> dict:
+    """The adapter, processor, metadata and validation summary, in `out`."""
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    meta = {
+        "classes": data.classes, "prompts": params.prompts,
+        "label_map": {c: i for i, c in enumerate(data.classes)}, "synthetic": data.synthetic,
+        "base": params.base_dir, "base_source": source["source"],
+        "base_revision": source["revision"], "base_is_tiny": source["source"] == "tiny",
+        "temperature": result.temperature, "variant": name,
+    }
+    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    n_trainable, _ = model.get_nb_trainable_parameters()
+    summary = {
+        "variant": name, "best_epoch": result.best["epoch"], "epochs_run": len(result.history),
+        "val_accuracy": result.best["val_accuracy"],
+        "val_macro_f1": result.best["val_macro_f1"], "temperature": result.temperature,
+        "train_seconds": result.train_seconds, "trainable_params": n_trainable,
+        "history": result.history,
+    }
+    (out / "val_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
+                  name: str) -> dict:
+    """Read the variant's data, fit it, and save and log the model under one MLflow run."""
+    from accelerate.utils import set_seed
+    from transformers import CLIPModel, CLIPProcessor
+
+    if name not in variants:
+        raise TrainError(f"unknown variant {name!r} (params variants: {', '.join(variants)})")
+    variant = variants[name]
+    data = read_data(params, name, variant)
+    set_seed(params.seed)
+    processor = CLIPProcessor.from_pretrained(params.base_dir)
+    clip = CLIPModel.from_pretrained(params.base_dir)
+    source = json.loads((Path(params.base_dir) / "pneumoclip_source.json").read_text())
+
+    mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
+    synthetic = data.synthetic or {}
+    tags = tracking.run_tags(f"train_clip@{name}", name) | {
+        "synthetic_dvc_md5": synthetic.get("dvc_md5", "none"),
+        "synthetic_manifest_sha256": synthetic.get("manifest_sha256", "none"),
+    }
+    with mlflow.start_run(run_name=name, tags=tags) as run:
+        mlflow.log_params(tracking.flatten(dataclasses.asdict(params)) | tracking.flatten(
+            dataclasses.asdict(variant), "variant."
+        ) | {"train_images": len(data.train_rows), "val_images": len(data.val_rows),
+             "synthetic_images": synthetic.get("images", 0)})
+        accelerator, model, result = fit(params, name, variant, clip, processor, data, mlflow)
+        best = result.best
+        n_trainable, n_total = accelerator.unwrap_model(model).get_nb_trainable_parameters()
+        mlflow.log_params({"trainable_params": n_trainable, "total_params": n_total})
         mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
                             "best_val_macro_f1": best["val_macro_f1"],
-                            "temperature": temperature, "train_seconds": train_seconds})
-        with atomic_dir(Path(params.out_dir) / variant) as out:
-            accelerator.unwrap_model(model).save_pretrained(out)
-            processor.save_pretrained(out)
-            meta = {
-                "classes": classes, "prompts": params.prompts, "label_map": label_id,
-                "synthetic": synthetic,
-                "base": params.base_dir, "base_source": source["source"],
-                "base_revision": source["revision"], "base_is_tiny": source["source"] == "tiny",
-                "temperature": temperature, "variant": variant,
-            }
-            (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            (out / "val_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+                            "temperature": result.temperature,
+                            "train_seconds": result.train_seconds})
+        with atomic_dir(Path(params.out_dir) / name) as out:
+            summary = save_model(out, params, name, accelerator.unwrap_model(model), processor,
+                                 data, result, source)
             info = tracking.log_classifier(
-                mlflow, out, tracking.image_bytes(val_rows[0]["path"]), classes
+                mlflow, out, tracking.image_bytes(data.val_rows[0]["path"]), data.classes
             )
             (out / "mlflow_run.json").write_text(json.dumps({
                 "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
