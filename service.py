@@ -5,7 +5,7 @@ for anything it cannot read, and runs only the image tower (the class text embed
 computed once at start-up). Concurrent requests share forward passes through an in-process
 micro-batcher: while one pass runs, new requests queue, and the next pass takes them all.
 (BentoML's adaptive batching needs a second service and an HTTP hop per request; on the
-tiny model that hop cost 3x the forward pass. README, "Benchmark: serving", has both.)
+tiny model that hop cost 3x the forward pass. docs/serving.md has both.)
 
 `pneumoclip bento build` imports the champion into the BentoML model store (labels keep the
 MLflow name and version) and builds this Bento.

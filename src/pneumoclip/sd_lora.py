@@ -11,8 +11,8 @@ of them cannot learn what an X-ray looks like. `domain` pretraining first trains
 VAE as an autoencoder and then the whole tiny UNet on every training image; only then is
 the class LoRAs fitted. The random text path gives the UNet no text conditioning to build
 on, so by default the UNet learns it here from the class captions (`class_captions`); with
-one generic caption instead, a 400-step LoRA did not learn the classes (see README). A hub
-base skips all of this (`domain.enabled: false`).
+one generic caption instead, a 400-step LoRA did not learn the classes
+(docs/experiments.md). A hub base skips all of this (`domain.enabled: false`).
 
 Every phase checkpoints every `checkpoint_every` steps into `checkpoint_dir` (outside the
 DVC output, which DVC deletes before a run). A rerun with the same inputs resumes from the
@@ -42,13 +42,18 @@ from tqdm import tqdm
 from pneumoclip import tracking
 from pneumoclip.classifier import read_image
 from pneumoclip.config import SdLoraParams
+from pneumoclip.diffusion import (
+    META_FILE,
+    SD_EXPERIMENT,
+    SHARED,
+    generate,
+    lora_file,
+    lora_sha256,
+    make_grid,
+    sample_pipeline,
+)
 from pneumoclip.fsutil import atomic_dir, sha256_file
 from pneumoclip.prepare import read_index
-
-SD_EXPERIMENT = "pneumoclip-sd"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-META_FILE = "sd_lora.json"
-SHARED = "default"  # the adapter name of the one shared LoRA
 
 
 class SdLoraError(RuntimeError):
@@ -61,7 +66,7 @@ class SdLoraError(RuntimeError):
 def load_images(paths: list[str], resolution: int, desc: str) -> torch.Tensor:
     """(n, 3, res, res) in [-1, 1]: grayscale replicated to RGB, as the VAE takes it."""
     out = torch.empty(len(paths), 3, resolution, resolution)
-    for i, path in enumerate(tqdm(paths, desc=desc, unit="img")):
+    for i, path in enumerate(tqdm(paths, desc=desc, unit="img", disable=None)):
         image = read_image(path).resize((resolution, resolution), Image.Resampling.BICUBIC)
         out[i] = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return out / 127.5 - 1.0
@@ -80,34 +85,8 @@ def adapters(params: SdLoraParams) -> dict[str, str]:
     return {c: c if params.per_class else SHARED for c in params.captions}
 
 
-def lora_file(adapter: str) -> str:
-    return LORA_FILE if adapter == SHARED else f"lora_{adapter}.safetensors"
-
-
 def lora_phase(adapter: str) -> str:
     return "lora" if adapter == SHARED else f"lora_{adapter}"
-
-
-def lora_sha256(folder: str | Path, files) -> str:
-    """The file's sha256 for one adapter; a digest of every file's for several."""
-    files = sorted(set(files))
-    if len(files) == 1:
-        return sha256_file(Path(folder) / files[0])
-    lines = "".join(f"{f}:{sha256_file(Path(folder) / f)}\n" for f in files)
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def load_adapters(pipe, lora_dir: str | Path, meta: dict) -> dict[str, str]:
-    """Load a `sd_lora` output's adapters into a pipeline; returns class -> adapter name."""
-    names = {}
-    with warnings.catch_warnings():  # "multiple adapters in the model": one per class, yes
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        for cls, file in meta["adapters"].items():
-            name = Path(file).stem
-            if name not in names.values():
-                pipe.load_lora_weights(str(lora_dir), weight_name=file, adapter_name=name)
-            names[cls] = name
-    return names
 
 
 def draw_batch(labels: torch.Tensor, size: int, balance: bool, gen: torch.Generator):
@@ -155,53 +134,6 @@ def diffusion_loss(unet, scheduler, latents, text, params: SdLoraParams, gen) ->
     return loss.mean()
 
 
-def sample_pipeline(vae, text_encoder, tokenizer, unet):
-    """A pipeline around the parts being trained, with a fast deterministic sampler."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear",
-        beta_start=0.00085, beta_end=0.012, steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: float,
-             resolution: int, negative: list[str] | None = None) -> list[Image.Image]:
-    """One grayscale image per (prompt, seed); each image has its own CPU generator.
-
-    `negative` prompts replace the empty caption that guidance steers away from."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    with torch.no_grad():
-        out = pipe(prompt=prompts, negative_prompt=negative if any(negative or []) else None,
-                   generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                   height=resolution, width=resolution, output_type="np").images
-    return [Image.fromarray((im.mean(axis=-1) * 255).round().astype(np.uint8), mode="L")
-            for im in out]
-
-
-def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None,
-              cell: int = 64) -> Image.Image:
-    """Rows of images side by side (one row per class), with an optional label per row."""
-    from PIL import ImageDraw
-
-    margin = 90 if labels else 0
-    width = margin + cell * max(len(r) for r in rows)
-    grid = Image.new("L", (width, cell * len(rows)), 255)
-    draw = ImageDraw.Draw(grid)
-    for y, row in enumerate(rows):
-        if labels:
-            draw.text((4, y * cell + cell // 2 - 6), labels[y], fill=0)
-        for x, image in enumerate(row):
-            grid.paste(image.convert("L").resize((cell, cell)), (margin + x * cell, y * cell))
-    return grid
-
-
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -215,6 +147,23 @@ def run_key(params: SdLoraParams) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class ResumeState:
+    """Everything a checkpoint holds: where training stood, and the tensors to resume from."""
+
+    phase: str
+    step: int
+    losses: list[float]
+    run_id: str
+    done: list[str]  # the phases finished before this one
+    model: dict  # the phase's model state_dict
+    optimizer: dict
+    schedule: dict
+    vae: dict | None = None  # the finished domain VAE, saved while the UNet trains
+    scaling_factor: float | None = None
+    final_losses: dict | None = None  # per adapter, of the LoRA phases already finished
+
+
 class Checkpoints:
     """`checkpoint_dir/KEY/`: the state of the current phase, and the finished domain base."""
 
@@ -223,15 +172,25 @@ class Checkpoints:
         self.state_file = self.dir / "state.pt"
         self.base_dir = self.dir / "domain_base"
 
-    def load(self) -> dict | None:
+    def load(self) -> ResumeState | None:
+        """The saved state, or None; an unreadable one is set aside (kept for a look), not
+        fatal, and training starts over."""
         if not self.state_file.is_file():
             return None
-        return torch.load(self.state_file, map_location="cpu", weights_only=False)
+        try:  # tensors, numbers and strings only: no pickled objects are executed
+            return ResumeState(**torch.load(self.state_file, map_location="cpu",
+                                            weights_only=True))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is handled alike
+            aside = self.state_file.with_suffix(".corrupt")
+            os.replace(self.state_file, aside)
+            print(f"sd_lora: checkpoint {self.state_file} is unreadable ({err.__class__.__name__}"
+                  f"); moved to {aside.name}, starting over")
+            return None
 
-    def save(self, state: dict) -> None:
+    def save(self, state: ResumeState) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_file.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save(dataclasses.asdict(state), tmp)
         os.replace(tmp, self.state_file)  # a kill mid-write keeps the previous checkpoint
 
     def clear(self) -> None:
@@ -288,7 +247,7 @@ def train_sd_lora(params: SdLoraParams) -> dict:
     ckpt = Checkpoints(params.checkpoint_dir, run_key(params))
     state = ckpt.load()
     if state:
-        print(f"sd_lora: resuming {state['phase']} from step {state['step']} ({ckpt.dir})")
+        print(f"sd_lora: resuming {state.phase} from step {state.step} ({ckpt.dir})")
     random.seed(params.seed)
     np.random.seed(params.seed)
     torch.manual_seed(params.seed)
@@ -298,7 +257,7 @@ def train_sd_lora(params: SdLoraParams) -> dict:
     labels = torch.tensor([classes.index(r["label"]) for r in rows])
 
     mlflow = tracking.setup(SD_EXPERIMENT)
-    run_id = state["run_id"] if state else None
+    run_id = state.run_id if state else None
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else "sd-lora",
                            tags=None if run_id else tracking.run_tags("sd_lora"))
     started = time.perf_counter()
@@ -308,7 +267,7 @@ def train_sd_lora(params: SdLoraParams) -> dict:
                               | {"train_images": len(rows)})
         trainer = Trainer(params, accelerator, ckpt, run.info.run_id, mlflow, classes)
         lora_base = params.base_dir
-        done = state["done"] if state else []
+        done = state.done if state else []
         if params.domain.enabled:
             if "unet" not in done:
                 parts = load_parts(params.base_dir)
@@ -393,15 +352,15 @@ class Trainer:
             optimizer, lambda s: min(1.0, (s + 1) / warmup)
         )
         start, losses = 0, []
-        if state and state["phase"] == phase:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            schedule.load_state_dict(state["schedule"])
-            start, losses = state["step"], state["losses"]
+        if state and state.phase == phase:
+            model.load_state_dict(state.model)
+            optimizer.load_state_dict(state.optimizer)
+            schedule.load_state_dict(state.schedule)
+            start, losses = state.step, state.losses
         model, optimizer = self.accelerator.prepare(model, optimizer)
         model.train()
         bar = tqdm(range(start, steps), desc=f"sd_lora: {phase}", unit="step",
-                   initial=start, total=steps)
+                   initial=start, total=steps, disable=None)
         for step in bar:
             gen = step_generator(params.seed, self.phases.index(phase), step)
             with self.accelerator.accumulate(model), self.accelerator.autocast():
@@ -418,20 +377,22 @@ class Trainer:
             if sample and params.sample_every and (done % params.sample_every == 0):
                 sample(f"{phase}_step{done:05d}")
             if done % params.checkpoint_every == 0 and done < steps:
-                self.ckpt.save({
-                    "phase": phase, "step": done, "losses": losses, "run_id": self.run_id,
-                    "done": self.phases[: self.phases.index(phase)],
-                    "model": self.accelerator.unwrap_model(model).state_dict(),
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                } | (extra_state or {}))
+                self.ckpt.save(ResumeState(
+                    phase=phase, step=done, losses=losses, run_id=self.run_id,
+                    done=self.phases[: self.phases.index(phase)],
+                    model=self.accelerator.unwrap_model(model).state_dict(),
+                    optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                    **(extra_state or {})))
         model.eval()
-        return float(np.mean(losses[-20:])) if losses else float("nan")
+        final = float(np.mean(losses[-20:])) if losses else float("nan")
+        print(f"sd_lora: {phase} {steps} steps, loss {final:.4f}", flush=True)  # one line a phase
+        return final
 
     def train_vae(self, parts: Parts, images: torch.Tensor, state) -> None:
         cfg, vae = self.params.domain, parts.vae
-        if state and state["phase"] != "vae":  # the VAE finished before the interruption
-            vae.load_state_dict(state["vae"])
-            vae.register_to_config(scaling_factor=state["scaling_factor"])
+        if state and state.phase != "vae":  # the VAE finished before the interruption
+            vae.load_state_dict(state.vae)
+            vae.register_to_config(scaling_factor=state.scaling_factor)
             return
 
         def loss_fn(gen):
@@ -504,7 +465,7 @@ class Trainer:
             self.sample_grid(parts, name, captions={"x-ray": [generic]} if generic else None)
 
         loss = self.loop(phase, steps, unet, trainable, lr, loss_fn,
-                         state if state and state["phase"] == phase else None,
+                         state if state and state.phase == phase else None,
                          sample=sample, extra_state=extra_state)
         self.mlflow.log_metric(f"{phase}_final_loss", loss)
         return loss
@@ -536,8 +497,8 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             for name in names:
                 unet.add_adapter(copy.deepcopy(config), adapter_name=name)
-        done = state["done"] if state else []
-        final = dict(state.get("final_losses", {})) if state else {}
+        done = state.done if state else []
+        final = dict(state.final_losses or {}) if state else {}
         sizes = {}
         for name in names:
             members = [self.classes.index(c) for c, a in self.adapters.items() if a == name]

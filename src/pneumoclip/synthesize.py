@@ -35,9 +35,7 @@ from tqdm import tqdm
 
 from pneumoclip import tracking
 from pneumoclip.config import SynthesizeParams
-from pneumoclip.fsutil import atomic_dir
-from pneumoclip.prepare import read_index
-from pneumoclip.sd_lora import (
+from pneumoclip.diffusion import (
     META_FILE,
     SD_EXPERIMENT,
     generate,
@@ -45,6 +43,8 @@ from pneumoclip.sd_lora import (
     lora_sha256,
     make_grid,
 )
+from pneumoclip.fsutil import atomic_dir
+from pneumoclip.prepare import read_index
 
 MANIFEST = "manifest.csv"
 MANIFEST_FIELDS = ["file", "class", "prompt", "negative_prompt", "contrast", "seed", "steps",
@@ -179,7 +179,7 @@ def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
         print(f"synthesize: {len(rows) - len(todo)} of {len(rows)} images already drawn "
               f"({work}), drawing the other {len(todo)}")
     with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="synthesize",
-              unit="img") as bar:
+              unit="img", disable=None) as bar:
         for batch in batches(todo, params.batch_size):
             cls = batch[0]["class"]
             pipe.set_adapters(adapters[cls])
@@ -258,7 +258,8 @@ def judge(classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     from pneumoclip.classifier import image_embeddings, read_image
 
     probs, embeds = [], []
-    for i in tqdm(range(0, len(paths), 128), desc="synthesize: judging", unit="batch"):
+    for i in tqdm(range(0, len(paths), 128), desc="synthesize: judging", unit="batch",
+                  disable=None):
         pixels = classifier.pixel_values([read_image(p) for p in paths[i : i + 128]])
         with torch.no_grad():
             probs.append(torch.softmax(classifier.logits_from_pixels(pixels), -1).numpy())
