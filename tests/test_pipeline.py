@@ -1,11 +1,15 @@
-"""The real `dvc` CLI on a copy of the project: fresh-clone repro, no-op rerun, params reruns."""
+"""The real `dvc` CLI on a copy of the project: fresh-clone repro, no-op rerun, what a change
+invalidates, one real rerun, and a queued `dvc exp` grid that MLflow sees too."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +19,13 @@ from conftest import ROOT
 PROJECT_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", "src", "sample"]
 
 
+GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+       "GIT_COMMITTER_EMAIL": "t@t"}
+
+
 def run(*args: str, cwd: Path) -> str:
     # the project's own SQLite store, as in the README (and apart from the session server)
-    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{cwd}/mlflow.db", **GIT)
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, check=False, env=env)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
@@ -36,6 +44,7 @@ def project(tmp_path_factory) -> Path:
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["train_clip"] |= {"epochs": 3}
     raw["evaluate"] |= {"bootstrap": 100}
+    raw["train_clip"]["lora"] |= {"r": 8, "alpha": 8}
     raw["sd_lora"] |= {"steps": 20, "batch_size": 16, "sample_every": 10}
     raw["sd_lora"]["domain"] |= {"vae_steps": 20, "unet_steps": 30}
     raw["synthesize"] |= {"probe_per_class": 8}
@@ -57,7 +66,7 @@ def test_bundled_sample_is_exactly_what_data_dvc_tracks(project):
 
 def all_stages(project: Path) -> set[str]:
     stages = yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-    variants = yaml.safe_load((project / "params.yaml").read_text())["train_clip"]["variants"]
+    variants = yaml.safe_load((project / "params.yaml").read_text())["variants"]
     return {f"{name}@{v}" if "foreach" in stage else name
             for name, stage in stages.items() for v in variants}
 
@@ -78,7 +87,7 @@ def test_repro_builds_everything_then_does_nothing(project):
     assert (project / "metrics/synthetic.json").is_file()
     for variant in ("real", "control", "augmented"):
         assert (project / f"models/clip-lora/{variant}/adapter_model.safetensors").is_file()
-        assert (project / f"metrics/{variant}/confusion.png").is_file()
+        assert (project / f"metrics/{variant}/test.png").is_file()
     synthetic = json.loads((project / "models/clip-lora/augmented/pneumoclip.json").read_text())
     assert synthetic["synthetic"]["dvc_md5"] == lock_entry(
         (project / "dvc.lock").read_text(), "synthesize")["outs"][0]["md5"]
@@ -90,35 +99,91 @@ def test_repro_builds_everything_then_does_nothing(project):
         ), stage
     assert stages_run(run("dvc", "repro", cwd=project)) == set()
     shown = run("dvc", "metrics", "show", cwd=project)
-    for name in ("real", "control", "augmented", "synthetic"):
+    for name in ("real", "control", "augmented"):
         assert f"metrics/{name}.json" in shown
-    assert "test.macro_f1" in shown
+    assert "macro_f1" in shown and "recall_VIRUS" in shown and "synthetic" not in shown
+    # one row per variant, a few columns: it fits a terminal
+    assert len(shown.splitlines()[0].split()) <= 9 and max(map(len, shown.splitlines())) <= 140
+    plots = run("dvc", "plots", "show", "--json", cwd=project)
+    for name in ("roc/VIRUS.csv", "reliability.csv", "training.csv", "confusion.csv"):
+        assert f"metrics/real/{name}" in plots, name
     # the default SQLite registry: the champion is listed against its version
     registry = run("pneumoclip", "registry", "show", cwd=project).splitlines()
     assert registry[2].split("\t")[:2] == ["1", "champion"]
 
 
+def status(project: Path) -> set[str]:
+    """The stages `dvc status` says changed (their own deps or params, not downstream)."""
+    return set(json.loads(run("dvc", "status", "--json", cwd=project).splitlines()[-1]))
+
+
 @pytest.mark.parametrize(
-    ("section", "key", "value", "expected"),
+    ("path", "edit", "expected"),
     [
-        ("evaluate", "bootstrap", 50, {"evaluate@real", "evaluate@control",
-                                       "evaluate@augmented", "register"}),
-        ("synthesize", "guidance", 2.0, {"synthesize", "train_clip@augmented",
-                                         "evaluate@augmented", "register"}),
-        ("train_clip", "epochs", 2, {"train_clip@real", "train_clip@control", "synthesize",
-                                     "train_clip@augmented", "evaluate@real",
-                                     "evaluate@control", "evaluate@augmented", "register"}),
+        ("src/pneumoclip/diffusion.py", lambda t: t + "\n# edited\n", {"sd_lora", "synthesize"}),
+        ("src/pneumoclip/classifier.py", lambda t: t + "\n# edited\n",
+         {"sd_lora", "synthesize", "register", "train_clip@real", "train_clip@control",
+          "train_clip@augmented", "evaluate@real", "evaluate@control", "evaluate@augmented"}),
+        ("params.yaml", lambda t: yaml.safe_dump(
+            yaml.safe_load(t) | {"variants": yaml.safe_load(t)["variants"] | {
+                "control": {"balance": False, "train_data": "artifacts/prepared/index.csv"}}},
+            sort_keys=False), {"train_clip@control"}),
     ],
 )
-def test_changing_a_param_reruns_exactly_the_stages_that_read_it(
-    project, section, key, value, expected
-):
-    # no restore afterwards (that would cost a second rebuild): each case starts from
-    # whatever state the last one left, brought up to date first
+def test_an_edit_invalidates_exactly_the_stages_that_use_it(project, path, edit, expected):
+    run("dvc", "repro", cwd=project)  # up to date first (a no-op after the test above)
+    file = project / path
+    original = file.read_text()
+    edited = edit(original)
+    assert edited != original
+    file.write_text(edited)
+    try:
+        assert status(project) == expected
+    finally:
+        file.write_text(original)
+    assert status(project) == set()
+
+
+def test_a_param_change_reruns_only_the_stages_that_read_it(project):
+    """One real rerun; the cases above prove the invalidation sets without rerunning."""
     run("dvc", "repro", cwd=project)
     params_path = project / "params.yaml"
-    raw = yaml.safe_load(params_path.read_text())
-    assert raw[section][key] != value
-    raw[section][key] = value
+    original = params_path.read_text()
+    raw = yaml.safe_load(original)
+    raw["register"]["alias"] = "best"
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    assert stages_run(run("dvc", "repro", cwd=project)) == expected
+    try:
+        assert stages_run(run("dvc", "repro", cwd=project)) == {"register"}
+        assert json.loads((project / "artifacts/registry.json").read_text())["alias"] == "best"
+    finally:
+        params_path.write_text(original)
+        run("dvc", "repro", cwd=project)
+
+
+def test_a_queued_exp_grid_is_compared_by_dvc_and_by_mlflow(project):
+    """The grid docs/pipeline.md shows, narrowed to one variant's stages to keep it short."""
+    from mlflow import MlflowClient
+
+    run("dvc", "repro", cwd=project)
+    run("git", "add", "-A", cwd=project)
+    run("git", "commit", "-qm", "baseline", cwd=project)
+    run("dvc", "exp", "run", "--queue", "-S", "train_clip.lora.r=4,16", "evaluate@control",
+        cwd=project)
+    run("dvc", "queue", "start", "-j", "1", cwd=project)
+    deadline = time.monotonic() + 600
+    busy = {"Queued", "Running"}
+    while busy & set((queue := run("dvc", "queue", "status", cwd=project)).split()):
+        assert time.monotonic() < deadline, queue
+        time.sleep(3)
+    assert "Failed" not in queue, queue
+    table = run("dvc", "exp", "show", "--csv", cwd=project)
+    rows = list(csv.DictReader(io.StringIO(table)))
+    exps = {r["Experiment"]: r for r in rows if r["Experiment"]}
+    assert len(exps) == 2, table
+    assert {r["train_clip.lora.r"] for r in exps.values()} == {"4", "16"}
+    assert all(r["metrics/control.json:macro_f1"] for r in exps.values())
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("pneumoclip-classifier")
+    runs = client.search_runs([experiment.experiment_id], "tags.dvc_exp != ''")
+    assert {r.data.tags["dvc_exp"] for r in runs} == set(exps)
+    assert {r.data.tags["variant"] for r in runs} == {"control"}

@@ -19,7 +19,7 @@ from conftest import ROOT, cli, project_params
 from PIL import Image
 
 from pneumoclip.config import load_section
-from pneumoclip.sd_lora import LORA_FILE, META_FILE, generate, lora_sha256
+from pneumoclip.diffusion import LORA_FILE, META_FILE, generate, lora_sha256
 from pneumoclip.synthesize import (
     MANIFEST,
     SynthesizeError,
@@ -46,7 +46,7 @@ CONTRAST = {"NORMAL": {"BACTERIA": 25.0}}  # strong: a few-step LoRA barely diff
 def sd_params(root: Path, trained: dict, **overrides) -> Path:
     """params.yaml for the SD stages under `root`, on the session's base and prepared sample."""
     base = trained["root"] / "models/base/sd"
-    index = trained["root"] / "prepared/index.csv"
+    index = trained["root"] / "artifacts/prepared/index.csv"
     return project_params(
         root,
         sd_lora=QUICK_SD | {"base_dir": str(base), "index": str(index),
