@@ -12,7 +12,6 @@ wall time and peak memory. Each model trains in its own process, so peak memory 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pneumoclip.classifier import read_image
-from pneumoclip.config import load_section
+from pneumoclip.config import load_section, write_relocated
 from pneumoclip.evaluate import classification_metrics
 from pneumoclip.prepare import CLASSES, read_index
 from pneumoclip.train_clip import augment, scores
@@ -39,46 +38,26 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def paths(work: Path) -> dict:
-    return {
-        "base": work / "models/base", "index": work / "prepared/index.csv",
-        "models": work / "models/clip-lora", "metrics": work / "metrics",
-    }
-
-
-def setup(data: Path, work: Path, params_file: Path) -> None:
+def setup(work: Path) -> None:
     from pneumoclip.base_models import build_base_models
     from pneumoclip.prepare import prepare, render_report
 
-    p = paths(work)
-    report = prepare(dataclasses.replace(
-        load_section("prepare", params_file), data_dir=str(data), out_dir=str(p["index"].parent)
-    ))
+    params = work / "params.yaml"
+    report = prepare(load_section("prepare", params))
     print(render_report(report).split("\nDuplicates")[0], flush=True)
-    build_base_models(dataclasses.replace(
-        load_section("base_models", params_file), out_dir=str(p["base"])
-    ))
+    build_base_models(load_section("base_models", params))
 
 
-def run_clip(variant: str, work: Path, params_file: Path) -> dict:
+def run_clip(variant: str, work: Path) -> dict:
     from pneumoclip.evaluate import evaluate_variant
     from pneumoclip.train_clip import train_variant
 
-    p = paths(work)
-    train = load_section("train_clip", params_file)
-    train = dataclasses.replace(
-        train, base_dir=str(p["base"] / "clip"), index=str(p["index"]), out_dir=str(p["models"]),
-        variants={variant: dataclasses.replace(train.variants[variant],
-                                               train_data=str(p["index"]))},
-    )
+    params = work / "params.yaml"
     started = time.perf_counter()
-    summary = train_variant(train, variant)
+    summary = train_variant(load_section("train_clip", params), load_section("variants", params),
+                            variant)
     seconds = time.perf_counter() - started
-    evaluation = dataclasses.replace(
-        load_section("evaluate", params_file), models_dir=str(p["models"]),
-        base_dir=str(p["base"] / "clip"), index=str(p["index"]), out_dir=str(p["metrics"]),
-    )
-    metrics = evaluate_variant(evaluation, variant)
+    metrics = evaluate_variant(load_section("evaluate", params), variant)
     return {"name": f"CLIP LoRA {variant}", "test": metrics["test"], "seconds": seconds,
             "train_seconds": summary["train_seconds"], "val_macro_f1": summary["val_macro_f1"],
             "epochs": f"{summary['best_epoch']}/{summary['epochs_run']}",
@@ -111,11 +90,11 @@ def load_gray(rows: list[dict], size: int) -> torch.Tensor:
     return (x - 0.5) / 0.25
 
 
-def run_cnn(work: Path, params_file: Path, size: int = 64, epochs: int = 20) -> dict:
-    cfg = load_section("train_clip", params_file)
-    evaluation = load_section("evaluate", params_file)
+def run_cnn(work: Path, size: int = 64, epochs: int = 20) -> dict:
+    cfg = load_section("train_clip", work / "params.yaml")
+    evaluation = load_section("evaluate", work / "params.yaml")
     torch.manual_seed(cfg.seed)
-    rows = read_index(paths(work)["index"])
+    rows = read_index(cfg.index)
     split = {s: [r for r in rows if r["split"] == s] for s in ("train", "val", "test")}
     x = {s: load_gray(v, size) for s, v in split.items()}
     y = {s: torch.tensor([CLASSES.index(r["label"]) for r in v]) for s, v in split.items()}
@@ -193,32 +172,35 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--models", nargs="*", default=None,
                         help="variants and/or cnn to (re)run; default: every variant and cnn")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/classifier.json",
+                        help="where the rows are written as JSON (the docs' tables read it)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, print JSON
     args = parser.parse_args()
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.work.resolve()}/mlflow.db")
+    args.work = args.work.resolve()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{args.work}/mlflow.db")
     os.environ.setdefault("TQDM_MININTERVAL", "10")
 
     if args.one:
-        result = run_cnn(args.work, args.params) if args.one == "cnn" else run_clip(
-            args.one, args.work, args.params)
+        result = run_cnn(args.work) if args.one == "cnn" else run_clip(args.one, args.work)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    args.work.mkdir(parents=True, exist_ok=True)
+    # the project's params with every path under the work folder, on the given data
+    write_relocated(args.work, args.params, prepare={"data_dir": str(args.data.resolve())})
     # variants on real images only; benchmarks/augmentation.py covers the synthetic ones
-    variants = [name for name, v in load_section("train_clip", args.params).variants.items()
+    variants = [name for name, v in load_section("variants", args.params).items()
                 if v.train_data.endswith(".csv")]
     models = args.models or [*variants, "cnn"]
     results_file = args.work / "results.json"
     # a partial rerun (--models cnn) keeps the other rows of the same work folder
     results = {r["key"]: r for r in json.loads(results_file.read_text())} if (
         args.models and results_file.is_file()) else {}
-    if not (args.models and (args.work / "prepared/index.csv").is_file()):
-        setup(args.data, args.work, args.params)
+    if not (args.models and (args.work / "artifacts/prepared/index.csv").is_file()):
+        setup(args.work)
     for name in models:
         proc = subprocess.run(
-            [sys.executable, __file__, "--work", str(args.work), "--params", str(args.params),
-             "--one", name], stdout=subprocess.PIPE, text=True, check=True,
+            [sys.executable, __file__, "--work", str(args.work), "--one", name],
+            stdout=subprocess.PIPE, text=True, check=True,
         )
         line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
         results[name] = json.loads(line[len("RESULT "):]) | {"key": name}
@@ -228,6 +210,10 @@ def main() -> None:
     print("\nTiny CPU profile (random-init bases built offline), "
           f"{torch.get_num_threads()} threads, test split of {results[0]['test']['n']} images:\n")
     print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"profile": "tiny CPU", "threads": torch.get_num_threads(),
+                                    "rows": results}, indent=2) + "\n")
+    print(f"\nwritten: {args.out}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ ratio, and the server's memory (all its processes) before and after a 2,000-requ
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per concurrency level")
     parser.add_argument("--seconds", type=float, default=90, help="per concurrency level")
     parser.add_argument("--soak", type=int, default=2000, help="requests for the memory check")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serving.json")
     args = parser.parse_args()
 
     images = [p.read_bytes() for p in sorted((ROOT / "sample/chest_xray").rglob("*.jpeg"))]
@@ -148,11 +150,10 @@ def main() -> None:
 
     print(f"\nBento {args.target}, model {ready['model']} v{ready['model_version']} "
           f"({ready['variant']}), tiny CPU profile, {os.cpu_count()} cores, loopback:\n")
-    print("| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | throughput req/s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for r in rows:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | "
-              f"{r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.1f} |")
+    results = {"profile": "tiny CPU", "cores": os.cpu_count(), "target": args.target,
+               "model_version": ready["model_version"], "rows": rows, "in_process_ms": forward,
+               "rss_mb": [before, after], "soak": soak}
+    print(table(results))
     one = rows[0]
     print(f"\nin-process, one image (decode + preprocess + forward): {forward:.1f} ms")
     print(f"HTTP p50 at concurrency 1 / in-process: {one['p50'] / forward:.2f}x "
@@ -162,6 +163,18 @@ def main() -> None:
         print(f"server memory (all processes): {before:,.0f} MB before, {after:,.0f} MB after "
               f"{soak['requests']:,} more requests ({soak['errors']} errors): "
               f"{(after - before) / before:+.1%}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten: {args.out}")
+
+
+def table(results: dict) -> str:
+    lines = ["| concurrency | requests | errors | p50 ms | p95 ms | p99 ms | throughput req/s |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['p50']:.1f} | "
+              f"{r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.1f} |"
+              for r in results["rows"]]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Regenerate the docs' benchmark tables from what the benchmark scripts wrote.
+
+    python benchmarks/tables.py           # rewrite the marked tables in README.md and docs/
+    python benchmarks/tables.py --check   # exit 1 if a table differs from its results file
+
+A table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`. NAME is rendered from
+`benchmarks/results/*.json` by the benchmark script that wrote it; a table whose results
+file does not exist yet is left as it is (history from before the results were kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks/results"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def renderers() -> dict:
+    """Table name -> (results file, function from its parsed JSON to markdown)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import augmentation
+    import classifier
+    import serving
+
+    return {
+        "headline": ("classifier.json", lambda r: classifier.table(r["rows"])),
+        "classifier": ("classifier.json", lambda r: classifier.table(r["rows"])),
+        "augmentation": ("augmentation.json", augmentation.variant_table),
+        "synthetic-classes": ("augmentation.json", augmentation.quality_table),
+        "serving": ("serving.json", serving.table),
+    }
+
+
+def render(text: str, tables: dict[str, str]) -> str:
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in tables:
+            return match.group(0)
+        return f"<!-- table:{name} -->\n{tables[name].strip()}\n<!-- /table:{name} -->"
+
+    return re.sub(r"<!-- table:([\w-]+) -->\n.*?<!-- /table:\1 -->", replace, text, flags=re.S)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    tables = {}
+    for name, (file, fn) in renderers().items():
+        if (RESULTS / file).is_file():
+            tables[name] = fn(json.loads((RESULTS / file).read_text()))
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = render(text, tables)
+        if new != text:
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new)
+    verb = "differ from their results" if args.check else "rewritten"
+    print(f"{len(tables)} tables from results; {verb}: {', '.join(map(str, stale)) or 'none'}")
+    sys.exit(1 if args.check and stale else 0)
+
+
+if __name__ == "__main__":
+    main()
