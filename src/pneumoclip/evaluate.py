@@ -38,17 +38,25 @@ class EvaluateError(RuntimeError):
 # ---------------------------------------------------------------- metrics
 
 
-def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int) -> float:
-    """Top-label ECE: mean |accuracy - confidence| over equal-width confidence bins."""
+def reliability_bins(y: np.ndarray, probs: np.ndarray, bins: int) -> list[dict]:
+    """Per equal-width confidence bin: mean confidence, accuracy and count (the ECE's terms,
+    and the reliability diagram's points)."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y
     edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
+    out = []
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(ece)
+            out.append({"confidence": float(confidence[inside].mean()),
+                        "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
+    return out
+
+
+def expected_calibration_error(y: np.ndarray, probs: np.ndarray, bins: int) -> float:
+    """Top-label ECE: mean |accuracy - confidence| over equal-width confidence bins."""
+    return float(sum(b["count"] * abs(b["accuracy"] - b["confidence"])
+                     for b in reliability_bins(y, probs, bins)) / len(y))
 
 
 def bootstrap_ci(
@@ -104,20 +112,6 @@ def classification_metrics(
 
 
 # ---------------------------------------------------------------- plots
-
-
-def reliability_bins(y: np.ndarray, probs: np.ndarray, bins: int) -> list[dict]:
-    """Per equal-width confidence bin: mean confidence, accuracy and count (the ECE's terms)."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == y
-    edges = np.linspace(0, 1, bins + 1)
-    out = []
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            out.append({"confidence": float(confidence[inside].mean()),
-                        "accuracy": float(correct[inside].mean()), "count": int(inside.sum())})
-    return out
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
