@@ -265,6 +265,7 @@ def train_sd_lora(params: SdLoraParams) -> dict:
         if not run_id:
             mlflow.log_params(tracking.flatten(dataclasses.asdict(params))
                               | {"train_images": len(rows)})
+            tracking.log_dataset(mlflow, rows, "kermany-train", tracking.dvc_hash(), "training")
         trainer = Trainer(params, accelerator, ckpt, run.info.run_id, mlflow, classes)
         lora_base = params.base_dir
         done = state.done if state else []

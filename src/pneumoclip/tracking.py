@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,9 @@ import yaml
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 CLASSIFIER_EXPERIMENT = "pneumoclip-classifier"
+# MLflow 3's experiment kind: model training, so the UI opens an experiment on its runs table
+# (not on the GenAI traces overview it guesses for an experiment without the tag)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 PYFUNC_ARTIFACT = "model_dir"
 
 
@@ -32,8 +36,11 @@ def setup(experiment: str):
         location = None
         if tracking_uri().startswith("sqlite:"):  # keep artifacts beside the store
             location = Path("mlartifacts").resolve().as_uri()
-        mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+        mlflow.create_experiment(experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+    found = mlflow.set_experiment(experiment)
+    for key, value in EXPERIMENT_KIND.items():  # experiments made before the tag existed
+        if found.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
     return mlflow
 
 
@@ -72,6 +79,22 @@ def dvc_out_hash(path: str | Path, lock: str | Path = "dvc.lock") -> str:
             if out.get("path", "").rstrip("/") == wanted:
                 return str(out.get("md5", "untracked"))
     return "untracked"
+
+
+def log_dataset(mlflow, rows: list[dict], name: str, digest: str, context: str) -> None:
+    """Log image rows (path, label, ...) as the active run's dataset input, so that the UI's
+    Dataset column names what the run trained or was tested on. The digest is the DVC md5
+    that versions the images, so equal digests mean the same images in both tools."""
+    import mlflow.data
+
+    frame = pd.DataFrame(rows)[["path", "label"]]
+    folder = os.path.commonpath([str(Path(p).resolve()) for p in frame["path"]])
+    digest = None if digest == "untracked" else digest.removesuffix(".dir")
+    with warnings.catch_warnings():  # MLflow registers its local source twice, then warns
+        warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+        dataset = mlflow.data.from_pandas(frame, source=folder, name=name, digest=digest,
+                                          targets="label")
+    mlflow.log_input(dataset, context=context)
 
 
 def run_tags(stage: str, variant: str | None = None) -> dict[str, str]:

@@ -334,6 +334,14 @@ def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
             dataclasses.asdict(variant), "variant."
         ) | {"train_images": len(data.train_rows), "val_images": len(data.val_rows),
              "synthetic_images": synthetic.get("images", 0)})
+        n_real = len(data.train_rows) - synthetic.get("images", 0)  # synthetic rows last
+        tracking.log_dataset(mlflow, data.train_rows[:n_real], "kermany-train",
+                             tracking.dvc_hash(), "training")
+        if data.synthetic:
+            tracking.log_dataset(mlflow, data.train_rows[n_real:], "synthetic",
+                                 synthetic["dvc_md5"], "training")
+        tracking.log_dataset(mlflow, data.val_rows, "kermany-val", tracking.dvc_hash(),
+                             "validation")
         accelerator, model, result = fit(params, name, variant, clip, processor, data, mlflow)
         best = result.best
         n_trainable, n_total = accelerator.unwrap_model(model).get_nb_trainable_parameters()
