@@ -22,7 +22,8 @@ os.environ.setdefault("TQDM_MININTERVAL", "5")  # keep progress bars from floodi
 
 # A test that needs one of these trains models or starts servers: it runs in the full suite
 # only, not in the fast lane (`pytest -m "not slow"`).
-SLOW_FIXTURES = {"trained", "sd", "synthetic", "project", "bento", "mlflow_server"}
+SLOW_FIXTURES = {"trained", "sd", "synthetic", "project", "bento", "mlflow_server",
+                 "postgres"}
 
 
 def pytest_collection_modifyitems(items):
@@ -96,11 +97,84 @@ def wait_http(url: str, timeout: float, proc=None) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
+# MLflow's job runner (GenAI trace jobs, on by default with a database store) would start
+# eight more processes; training and the registry do not use it
+SERVER_ENV = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+
+
+def postgres_bin() -> Path:
+    """The folder of Debian's PostgreSQL server programs (initdb, postgres, pg_isready)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    initdb = str(found[-1]) if found else shutil.which("initdb")
+    if not initdb:
+        pytest.fail("no PostgreSQL server: `bash scripts/setup.sh --dev` installs it with apt")
+    return Path(initdb).parent
+
+
+def stop(proc, timeout: float = 15) -> None:
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server on 127.0.0.1 (SQLite store, served artifacts).
+def postgres():
+    """A real PostgreSQL server on 127.0.0.1 with its own data folder and port, run as a
+    non-root user (the server refuses root); yields the URI of an empty `mlflow` database."""
+    import subprocess
+    import tempfile
+    import time
+
+    pg = postgres_bin()
+    # pytest's own temp folders are root-only: the server's user could not enter them
+    root = Path(tempfile.mkdtemp(prefix="pneumoclip-pg-"))
+    as_user = {}
+    if os.geteuid() == 0:
+        as_user = {"user": "postgres", "group": "postgres", "extra_groups": []}
+        shutil.chown(root, "postgres", "postgres")
+    password, port = "mlflow-test-pw", free_port()
+    (root / "pw").write_text(password)
+    if as_user:
+        shutil.chown(root / "pw", "postgres", "postgres")
+    env = dict(os.environ, PGPASSWORD=password, LC_ALL="C")
+
+    def run(*args: str) -> None:
+        out = subprocess.run([str(pg / args[0]), *args[1:]], cwd=root, env=env,
+                             capture_output=True, text=True, **as_user)
+        assert out.returncode == 0, f"{args[0]}: {out.stdout}{out.stderr}"
+
+    run("initdb", "-D", str(root / "data"), "-U", "mlflow", "--pwfile", str(root / "pw"),
+        "--auth", "scram-sha-256", "-E", "UTF8", "--no-sync")
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(pg / "postgres"), "-D", str(root / "data"), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(root), "-c", "fsync=off"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, **as_user)
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(pg / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)],
+                         env=env).returncode != 0:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError((root / "server.log").read_text()[-3000:])
+        time.sleep(0.2)
+    run("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow")
+    yield f"postgresql://mlflow:{password}@127.0.0.1:{port}/mlflow"
+    stop(proc)
+    log.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, postgres):
+    """A real MLflow tracking server on 127.0.0.1 as a team runs it: a PostgreSQL backend
+    store and a proxied artifact store (`--artifacts-destination`).
 
     MLFLOW_TRACKING_URI points at it for the whole session, so nothing lands in the repo.
+    (tests/test_pipeline.py serves the SQLite store that the main command writes.)
     """
     import subprocess
 
@@ -109,13 +183,13 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--backend-store-uri", postgres,
          "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{uri}/health", 90, proc)
+        wait_http(f"{uri}/health", 120, proc)
     except Exception:
         proc.kill()
         raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
@@ -126,11 +200,7 @@ def mlflow_server(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc)
     log.close()
 
 
