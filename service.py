@@ -65,12 +65,14 @@ class Pneumoclip:
         self.model_name = info.labels.get("mlflow_name", info.tag.name)
         self.model_version = info.labels.get("mlflow_version", "?")
         self.variant = info.labels.get("variant", "?")
-        self.classifier = load_classifier(self.model)
+        # the GPU Bento (deploy/bentofile-gpu.yaml) runs on the container's GPU
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.classifier = load_classifier(self.model, self.device)
         self.classes = self.classifier.classes
 
         def forward(pixels: np.ndarray) -> np.ndarray:
-            logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels))
-            return torch.softmax(logits, dim=-1).numpy()
+            logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels).to(self.device))
+            return torch.softmax(logits, dim=-1).cpu().numpy()
 
         self.probabilities = MicroBatcher(forward, SETTINGS.max_batch_size)
 
@@ -118,7 +120,7 @@ class Pneumoclip:
     def ready(self) -> dict:
         """Readiness: which model and version this service answers with."""
         return {"ready": True, "model": self.model_name, "model_version": self.model_version,
-                "variant": self.variant, "classes": self.classes}
+                "variant": self.variant, "classes": self.classes, "device": self.device}
 
 
 Pneumoclip.add_asgi_middleware(

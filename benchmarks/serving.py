@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import requests
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,9 +151,11 @@ def main() -> None:
 
     print(f"\nBento {args.target}, model {ready['model']} v{ready['model_version']} "
           f"({ready['variant']}), tiny CPU profile, {os.cpu_count()} cores, loopback:\n")
+    serve = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
     results = {"profile": "tiny CPU", "cores": os.cpu_count(), "target": args.target,
                "model_version": ready["model_version"], "rows": rows, "in_process_ms": forward,
-               "rss_mb": [before, after], "soak": soak}
+               "rss_mb": [before, after], "soak": soak, "workers": serve["workers"],
+               "torch_threads": serve["torch_threads"]}
     print(table(results))
     one = rows[0]
     print(f"\nin-process, one image (decode + preprocess + forward): {forward:.1f} ms")
@@ -175,6 +178,21 @@ def table(results: dict) -> str:
               f"{r['p95']:.1f} | {r['p99']:.1f} | {r['throughput']:.1f} |"
               for r in results["rows"]]
     return "\n".join(lines)
+
+
+
+def replica_table(results: dict) -> str:
+    """What one replica (one `bentoml serve`, all its processes) needs and gives."""
+    before, after = results["rss_mb"]
+    top = results["rows"][-1]
+    return "\n".join([
+        "| workers x torch threads | memory (all processes) | after more requests | "
+        "throughput at concurrency 32 |",
+        "| --- | ---: | ---: | ---: |",
+        f"| {results['workers']} x {results['torch_threads']} | {before:,.0f} MB | "
+        f"{after:,.0f} MB (+{results['soak']['requests']:,}, {results['soak']['errors']} errors)"
+        f" | {top['throughput']:.0f} req/s |",
+    ])
 
 
 if __name__ == "__main__":

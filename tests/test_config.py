@@ -120,15 +120,3 @@ def test_help_lists_the_stages():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in stages:
         assert name.replace("_", "-") in result.output
-
-
-def test_bentofile_pins_match_the_constraints():
-    pins = dict(
-        line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines()
-        if "==" in line
-    )
-    pins = {k.lower(): v for k, v in pins.items()}
-    packages = yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"]
-    for package in packages:
-        name, version = package.split("==")
-        assert pins[name.lower()] == version, package

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import test_deploy
 import yaml
 from conftest import BIN, ROOT, SAMPLE, cli, free_port, wait_http
 from PIL import Image
@@ -74,6 +75,7 @@ def test_ready_reports_the_champion_name_and_version(bento):
     assert body["model"] == SETTINGS.model_name
     assert body["model_version"] == str(bento["registry"]["champion_version"])
     assert body["classes"] == ["NORMAL", "BACTERIA", "VIRUS"]
+    assert body["device"] == "cpu"  # "cuda" in the GPU Bento on a GPU node
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "JPEG"])
@@ -194,3 +196,48 @@ def test_micro_batcher_merges_concurrent_requests_and_routes_each_answer_back():
     assert sum(seen[1:-1]) == 20
     assert all(isinstance(b, ValueError) for b in bad)  # one failing batch fails its callers
     assert not batcher.running and not batcher.pending
+
+
+def built_bento(bento, tag: str) -> Path:
+    name, version = tag.split(":")
+    return bento["home"] / "bentos" / name / version
+
+
+def test_the_built_bento_has_a_dockerfile_with_every_package_pinned(bento):
+    """What `bentoml containerize` would build (it needs a Docker daemon, absent here)."""
+    info = json.loads(subprocess.run(
+        [str(BIN / "bentoml"), "get", "pneumoclip:latest", "-o", "json"], env=bento["env"],
+        capture_output=True, text=True, check=True).stdout)
+    folder = built_bento(bento, f"{info['name']}:{info['version']}")
+    dockerfile = (folder / "env/docker/Dockerfile").read_text()
+    assert "FROM python:3.11-slim" in dockerfile
+    assert f"EXPOSE {test_deploy.BENTO_PORT}" in dockerfile
+    # the index strategy is set before the packages are installed
+    assert "ARG UV_INDEX_STRATEGY=unsafe-best-match" in dockerfile
+    assert dockerfile.index("ENV UV_INDEX_STRATEGY") < dockerfile.index("pip install -r")
+    assert "--mount=type=secret" not in dockerfile  # containerize needs no extra input
+    requirements = test_deploy.requirement_lines(folder / "env/python/requirements.txt")
+    # exactly the pinned set (BentoML may repeat its own pin), torch the CPU wheel
+    assert set(requirements) == set(
+        test_deploy.requirement_lines(ROOT / "deploy/requirements-cpu.txt"))
+    assert "torch==2.13.0+cpu" in requirements
+    # the GPU variant, built from the same model: a CUDA base image and the CUDA torch
+    gpu = subprocess.run([str(BIN / "bentoml"), "build", "--output", "tag", "-f",
+                          "deploy/bentofile-gpu.yaml", "."], cwd=ROOT, env=bento["env"],
+                         capture_output=True, text=True)
+    assert gpu.returncode == 0, gpu.stdout + gpu.stderr
+    folder = built_bento(bento, gpu.stdout.strip().splitlines()[-1].removeprefix("__tag__:"))
+    dockerfile = (folder / "env/docker/Dockerfile").read_text()
+    assert "FROM nvidia/cuda:12.8" in dockerfile
+    requirements = test_deploy.requirement_lines(folder / "env/python/requirements.txt")
+    assert set(requirements) == set(
+        test_deploy.requirement_lines(ROOT / "deploy/requirements-gpu.txt"))
+    assert "torch==2.13.0" in requirements
+
+
+def test_the_probe_paths_of_the_kubernetes_manifest_answer(bento):
+    (deployment,) = [m for m in test_deploy.MANIFESTS if m["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        path = container[probe]["httpGet"]["path"]
+        assert requests.get(f"{bento['url']}{path}", timeout=10).status_code == 200, probe

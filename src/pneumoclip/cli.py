@@ -223,12 +223,15 @@ def bento_group() -> None:
 
 @bento_group.command("build")
 @params_option
-def bento_build_cmd(params_path: str) -> None:
+@click.option("--bentofile", default="bentofile.yaml", show_default=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="build options; deploy/bentofile-gpu.yaml makes the CUDA image's Bento")
+def bento_build_cmd(params_path: str, bentofile: str) -> None:
     """Import models:/NAME@champion into the BentoML store and run `bentoml build`."""
     from pneumoclip.serving import ServingError, build_bento
 
     try:
-        tag = build_bento(section("serve", params_path))
+        tag = build_bento(section("serve", params_path), Path(bentofile))
     except ServingError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"built Bento {tag}; serve it with: bentoml serve {tag.split()[0]}")

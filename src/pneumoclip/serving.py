@@ -46,12 +46,13 @@ def import_champion(settings: ServeParams):
     )
 
 
-def build_bento(settings: ServeParams, project: Path = Path(".")) -> str:
-    """Import the champion, then `bentoml build`; returns the Bento tag."""
+def build_bento(settings: ServeParams, bentofile: Path = Path("bentofile.yaml"),
+                project: Path = Path(".")) -> str:
+    """Import the champion, then `bentoml build` with `bentofile`; returns the Bento tag."""
     model = import_champion(settings)
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "bentoml"), "build", "--output", "tag",
-         str(project)], capture_output=True, text=True,
+         "-f", str(bentofile), str(project)], capture_output=True, text=True,
     )
     if proc.returncode != 0:
         raise ServingError(f"bentoml build failed:\n{proc.stdout}\n{proc.stderr}")
@@ -83,11 +84,14 @@ def model_dir(bento_model) -> Path:
     return root / flavor["artifacts"][tracking.PYFUNC_ARTIFACT]["path"]
 
 
-def load_classifier(bento_model):
-    """The ClipClassifier, with its class text embeddings computed once."""
+def load_classifier(bento_model, device: str = "cpu"):
+    """The ClipClassifier on `device`, with its class text embeddings computed once."""
     from pneumoclip.classifier import ClipClassifier
 
-    return ClipClassifier.load(model_dir(bento_model))
+    classifier = ClipClassifier.load(model_dir(bento_model))
+    classifier.clip.to(device)
+    classifier.text_embeds = classifier.text_embeds.to(device)
+    return classifier
 
 
 class MicroBatcher:
