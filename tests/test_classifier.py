@@ -145,6 +145,12 @@ def test_evaluate_writes_metrics_plots_and_logs_them(trained):
     artifacts = {a.path for a in MlflowClient(trained["uri"]).list_artifacts(run_id, "evaluation")}
     expected = {f"evaluation/{name}" for name in ("details.json", "test.png", "training.png")}
     assert expected <= artifacts
+    # the images it used, as MLflow dataset inputs: one per split, with the split's size
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert {k: d.name for k, d in inputs.items()} == {
+        "training": "kermany-train", "validation": "kermany-val", "testing": "kermany-test"}
+    profile = json.loads(inputs["testing"].profile)
+    assert profile["num_rows"] == n_test
 
 
 def test_predict_prints_a_table_and_isolates_unreadable_files(trained, tmp_path):

@@ -252,7 +252,7 @@ def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
 
 
 def log_to_run(model_dir: Path, variant: str, metrics: dict, out: Path,
-               test: list[dict]) -> None:
+               test_rows: list[dict]) -> None:
     """Add the test metrics and plots to the variant's training run (or a new run if the
     store no longer has it, e.g. after switching MLFLOW_TRACKING_URI)."""
     mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
@@ -272,6 +272,6 @@ def log_to_run(model_dir: Path, variant: str, metrics: dict, out: Path,
     with mlflow.start_run(run_id=run_id, run_name=variant if not run_id else None,
                           tags=None if run_id else tags):
         mlflow.log_metrics(flat)
-        tracking.log_dataset(mlflow, test, "kermany-test", tracking.dvc_hash(), "testing")
+        tracking.log_dataset(mlflow, test_rows, "kermany-test", tracking.dvc_hash(), "testing")
         for name in (DETAILS, "test.png", "training.png"):
             mlflow.log_artifact(str(out / variant / name), "evaluation")
