@@ -1,5 +1,6 @@
 """The real `dvc` CLI on a copy of the project: fresh-clone repro, no-op rerun, what a change
-invalidates, one real rerun, and a queued `dvc exp` grid that MLflow sees too."""
+invalidates, one real rerun, the runs as the MLflow server shows them, a queued `dvc exp`
+grid that MLflow sees too, and a round trip through a DVC remote."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
-from conftest import ROOT
+from conftest import BIN, ROOT, SERVER_ENV, free_port, stop, wait_http
 
-PROJECT_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", "src", "sample"]
+PROJECT_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".gitignore",
+                 "src", "sample"]
 
 
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -39,7 +42,8 @@ def project(tmp_path_factory) -> Path:
         src = ROOT / rel
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dest / rel)
     (dest / ".dvc").mkdir()
-    shutil.copyfile(ROOT / ".dvc/config", dest / ".dvc/config")
+    for rel in (".dvc/config", ".dvc/.gitignore"):
+        shutil.copyfile(ROOT / rel, dest / rel)
     # the default steps and epochs are sized for the full data set; a few suffice here
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["train_clip"] |= {"epochs": 3}
@@ -160,13 +164,55 @@ def test_a_param_change_reruns_only_the_stages_that_read_it(project):
         run("dvc", "repro", cwd=project)
 
 
+def test_the_tracking_server_lines_the_variants_up_for_comparison(project):
+    """`mlflow server` on the main command's SQLite store, read over its REST API as the UI
+    reads it: one run per variant, the same metric columns, the data each one used."""
+    run("dvc", "repro", cwd=project)
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{project}/mlflow.db",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        cwd=project, env=SERVER_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
+        experiment = requests.get(f"{api}/experiments/get-by-name", timeout=30, params={
+            "experiment_name": "pneumoclip-classifier"}).json()["experiment"]
+        answer = requests.post(f"{api}/runs/search", timeout=30, json={
+            "experiment_ids": [experiment["experiment_id"]], "max_results": 100})
+        assert answer.status_code == 200, answer.text
+        runs = answer.json()["runs"]
+    finally:
+        stop(proc)
+    # the UI opens a model-training experiment on its runs table
+    tags = {t["key"]: t["value"] for t in experiment["tags"]}
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    variants = [{t["key"]: t["value"] for t in r["data"]["tags"]}["variant"] for r in runs]
+    assert sorted(variants) == ["augmented", "control", "real"]  # one row per variant
+    columns = {"test_accuracy", "test_macro_f1", "best_val_macro_f1", "test_recall_NORMAL",
+               "test_recall_BACTERIA", "test_recall_VIRUS"}
+    data_md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    synthetic_md5 = lock_entry((project / "dvc.lock").read_text(), "synthesize")["outs"][0]["md5"]
+    for variant, r in zip(variants, runs, strict=True):
+        assert columns <= {m["key"] for m in r["data"]["metrics"]}, variant
+        inputs = {(d["dataset"]["name"], d["tags"][0]["value"]): d["dataset"]["digest"]
+                  for d in r["inputs"]["dataset_inputs"]}
+        expected = {("kermany-train", "training"), ("kermany-val", "validation"),
+                    ("kermany-test", "testing")}
+        if variant == "augmented":
+            expected.add(("synthetic", "training"))
+            assert inputs[("synthetic", "training")] == synthetic_md5.removesuffix(".dir")
+        assert set(inputs) == expected, variant
+        assert inputs[("kermany-train", "training")] == data_md5.removesuffix(".dir")
+
+
 def test_a_queued_exp_grid_is_compared_by_dvc_and_by_mlflow(project):
     """The grid docs/pipeline.md shows, narrowed to one variant's stages to keep it short."""
     from mlflow import MlflowClient
 
     run("dvc", "repro", cwd=project)
     run("git", "add", "-A", cwd=project)
-    run("git", "commit", "-qm", "baseline", cwd=project)
+    run("git", "commit", "-qm", "baseline", "--allow-empty", cwd=project)
     run("dvc", "exp", "run", "--queue", "-S", "train_clip.lora.r=4,16", "evaluate@control",
         cwd=project)
     run("dvc", "queue", "start", "-j", "1", cwd=project)
@@ -187,3 +233,31 @@ def test_a_queued_exp_grid_is_compared_by_dvc_and_by_mlflow(project):
     runs = client.search_runs([experiment.experiment_id], "tags.dvc_exp != ''")
     assert {r.data.tags["dvc_exp"] for r in runs} == set(exps)
     assert {r.data.tags["variant"] for r in runs} == {"control"}
+
+
+def test_a_remote_gives_a_fresh_clone_every_result_without_retraining(project, tmp_path):
+    """`dvc push` to a local-directory remote (a real DVC remote type, as S3 or GCS would
+    be), then a fresh `git clone` and `dvc pull`: everything is there and nothing reruns."""
+    run("dvc", "repro", cwd=project)
+    run("dvc", "remote", "add", "-d", "team", str(tmp_path / "remote"), cwd=project)
+    run("dvc", "push", cwd=project)
+    assert "in sync" in run("dvc", "status", "--cloud", cwd=project)
+    run("git", "add", "-A", cwd=project)  # what goes in git: code, params, dvc.lock, metrics
+    run("git", "commit", "-qm", "results", "--allow-empty", cwd=project)
+    tracked = run("git", "ls-files", cwd=project).split()
+    assert "dvc.lock" in tracked and "metrics/real.json" in tracked
+    assert ".dvc/config" in tracked  # the remote, for every clone
+    assert not [f for f in tracked if f.startswith(("data/", "models/", "artifacts/",
+                                                    ".dvc/cache", "mlflow"))]
+    clone = tmp_path / "clone"
+    run("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    run("dvc", "pull", cwd=clone)
+    assert "up to date" in run("dvc", "status", cwd=clone)
+    assert stages_run(run("dvc", "repro", cwd=clone)) == set()
+    for rel in ("data/chest_xray", "models/base/sd/unet/diffusion_pytorch_model.safetensors",
+                "models/sd-lora/lora_VIRUS.safetensors", "artifacts/synthetic/manifest.csv",
+                "models/clip-lora/augmented/adapter_model.safetensors",
+                "artifacts/prepared/index.csv"):
+        assert (clone / rel).exists(), rel
+    assert (clone / "models/clip-lora/real/adapter_model.safetensors").read_bytes() == (
+        project / "models/clip-lora/real/adapter_model.safetensors").read_bytes()
