@@ -15,7 +15,7 @@ import pytest
 import requests
 import test_deploy
 import yaml
-from conftest import BIN, ROOT, SAMPLE, cli, free_port, wait_http
+from conftest import BIN, ROOT, SAMPLE, cli, free_port, stop, wait_http
 from PIL import Image
 
 from pneumoclip.classifier import ClipClassifier, read_image
@@ -56,11 +56,7 @@ def bento(trained, tmp_path_factory):
         proc.kill()
         raise RuntimeError((home / "serve.log").read_text()[-4000:]) from None
     yield {"url": url, "registry": registry, "env": env, "home": home, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop(proc, 30)
 
 
 def classify(bento, data: bytes, content_type: str = "image/png", field: str = "image"):
@@ -236,7 +232,7 @@ def test_the_built_bento_has_a_dockerfile_with_every_package_pinned(bento):
 
 
 def test_the_probe_paths_of_the_kubernetes_manifest_answer(bento):
-    (deployment,) = [m for m in test_deploy.MANIFESTS if m["kind"] == "Deployment"]
+    deployment = test_deploy.manifest("Deployment")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         path = container[probe]["httpGet"]["path"]
