@@ -34,6 +34,7 @@ def renderers() -> dict:
         "augmentation": ("augmentation.json", augmentation.variant_table),
         "synthetic-classes": ("augmentation.json", augmentation.quality_table),
         "serving": ("serving.json", serving.table),
+        "serving-goals": ("serving.json", serving.goals_table),
         "serving-replica": ("serving.json", serving.replica_table),
     }
 
