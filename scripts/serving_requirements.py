@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCH_INDEX_CPU = "https://download.pytorch.org/whl/cpu"
 # what service.py imports, directly or through pneumoclip.serving / classifier / tracking
 SERVING = ["bentoml", "mlflow", "torch", "transformers", "peft", "safetensors", "accelerate",
-           "pillow", "numpy", "pandas", "scikit-learn", "pyyaml", "ruamel.yaml", "tqdm"]
+           "pillow", "pydicom", "numpy", "pandas", "scikit-learn", "pyyaml", "ruamel.yaml",
+           "tqdm"]
 BUILDS = {  # file -> (what it is for, its torch lines)
     "deploy/requirements-cpu.txt": ("The CPU Bento (bentofile.yaml): no CUDA libraries",
                                     [f"--extra-index-url {TORCH_INDEX_CPU}", "torch=={}+cpu"]),

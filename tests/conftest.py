@@ -242,3 +242,65 @@ def trained(tmp_path_factory, mlflow_server):
     out = cli("train-clip", "--params", str(params), "--variant", "real")
     return {"root": root, "params": params, "model": root / "models/clip-lora/real",
             "log": out.stdout + out.stderr, "uri": mlflow_server}
+
+
+def dicom_bytes(image: Image.Image, *, photometric: str = "MONOCHROME2", bits: int = 8,
+                window: tuple[float, float] | None = None, compress: str | None = None) -> bytes:
+    """A DICOM file (preamble, file meta, a DX image) of `image`'s gray pixels, via pydicom.
+
+    It displays as `image`'s grayscale: MONOCHROME1 stores the inverted values; bits=16
+    stores 12-bit values 16 * v + 8 that its Rescale Slope 0.0625 and Intercept -0.5 bring
+    back to v. `window` (center, width) is written as given (in those 0-255 units).
+    `compress`, a transfer syntax UID: pydicom encodes it when it can (RLE Lossless
+    natively); otherwise the uncompressed bytes are only labelled with it, a file that no
+    decoder reads (for refusal tests).
+    """
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_encoder
+    from pydicom.uid import UID, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
+
+    gray = np.asarray(image.convert("L"))
+    if bits == 8:
+        stored, depth = gray.copy(), 8
+    elif bits == 16:
+        stored, depth = gray.astype(np.uint16) * 16 + 8, 12
+    else:
+        raise ValueError(f"bits must be 8 or 16, not {bits}")
+    if photometric == "MONOCHROME1":
+        stored = (2**depth - 1) - stored
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, depth, depth - 1
+    ds.PixelRepresentation = 0
+    if bits == 16:
+        ds.RescaleSlope, ds.RescaleIntercept = "0.0625", "-0.5"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = (f"{v:g}" for v in window)
+    ds.PixelData = stored.tobytes()
+    if compress is not None:
+        try:
+            encodable = get_encoder(compress).is_available
+        except NotImplementedError:
+            encodable = False
+        if encodable:
+            ds.compress(compress, generate_instance_uid=False)
+        else:
+            ds.file_meta.TransferSyntaxUID = UID(compress)
+            ds.PixelData = encapsulate([stored.tobytes()])
+            ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

@@ -4,16 +4,25 @@ against a real MLflow server and the bundled sample."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import EPOCHS, ROOT, SAMPLE, cli
+from conftest import EPOCHS, ROOT, SAMPLE, cli, dicom_bytes
 from PIL import Image
 
-from pneumoclip.classifier import ClipClassifier, read_image, to_rgb
+from pneumoclip.classifier import (
+    MAX_ASPECT,
+    MIN_SIDE,
+    ClipClassifier,
+    ImageError,
+    UnsupportedFormat,
+    read_image,
+    to_rgb,
+)
 from pneumoclip.config import AugmentParams, load_section
 from pneumoclip.evaluate import bootstrap_ci, expected_calibration_error
 from pneumoclip.prepare import read_index
@@ -246,3 +255,244 @@ def test_bootstrap_resamples_patients_not_images():
     # two patients: accuracy is 0, 0.5 or 1 per resample, so the interval is far wider
     assert one_patient["accuracy_ci95"] == [0.0, 1.0]
     assert per_image["accuracy_ci95"][1] - per_image["accuracy_ci95"][0] < 0.3
+
+
+# ---------------------------------------------------------------- reading images
+
+XRAY = sorted((SAMPLE / "chest_xray/train/NORMAL").glob("*.jpeg"))[0]
+
+
+def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def gray(image: Image.Image) -> np.ndarray:
+    """The one channel of read_image's gray RGB, as ints."""
+    out = np.asarray(image)
+    assert (out[..., 0] == out[..., 2]).all()
+    return out[..., 0].astype(int)
+
+
+def no_decoding(monkeypatch):
+    """Make any pixel decoding (Pillow's or pydicom's) fail the test."""
+    import pydicom.pixels
+    from PIL import ImageFile
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+    monkeypatch.setattr(pydicom.pixels, "pixel_array", refuse)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_other_image_formats_are_refused_naming_the_format(fmt):
+    data = encoded(Image.open(XRAY), fmt)
+    with pytest.raises(UnsupportedFormat) as err:
+        read_image(data)
+    assert str(err.value) == f"{fmt} images are not accepted: send PNG, JPEG or DICOM"
+    assert isinstance(err.value, ImageError)  # callers that catch ImageError still do
+
+
+def test_unknown_bytes_are_not_an_unsupported_format():
+    with pytest.raises(ImageError, match="not a readable image") as err:
+        read_image(b"hello, not an image")
+    assert not isinstance(err.value, UnsupportedFormat)
+
+
+def test_exif_orientation_6_gives_the_upright_pixels():
+    upright = Image.open(XRAY).convert("L").crop((0, 0, 224, 160))  # not square: 224 x 160
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a camera held sideways saves it
+    data = encoded(stored, "JPEG", quality=95, exif=exif)
+    out = read_image(data)
+    assert out.size == upright.size
+    decoded = Image.open(io.BytesIO(data)).convert("L")  # the stored pixels, not turned
+    assert decoded.size == (160, 224)
+    np.testing.assert_array_equal(
+        gray(out), np.asarray(decoded.transpose(Image.Transpose.ROTATE_270)))
+    assert np.abs(gray(out) - np.asarray(upright, dtype=int)).mean() < 2  # JPEG's loss only
+
+
+def test_a_thin_image_is_refused_from_its_header_without_decoding(monkeypatch):
+    data = encoded(Image.new("L", (2_000_000, 2)), "PNG")
+    assert len(data) < 20_000  # a few KB that the CLIP processor would blow up to gigabytes
+    no_decoding(monkeypatch)
+    for limit in (None, 4_000_000):  # 4,000,000 pixels: not over the service's pixel cap
+        with pytest.raises(ImageError, match=f"2000000x2 pixels is too small: the short side "
+                                             f"must be at least {MIN_SIDE} px"):
+            read_image(data, max_pixels=limit)
+
+
+@pytest.mark.parametrize(("size", "ok"), [
+    ((MIN_SIDE, MIN_SIDE), True), ((MIN_SIDE - 1, 200), False), ((16, 16), False),
+    ((MAX_ASPECT * 50, 50), True), ((MAX_ASPECT * 50 + 1, 50), False),
+    ((50, MAX_ASPECT * 50 + 1), False),
+])
+def test_tiny_and_elongated_images_are_refused_by_the_size_rule(size, ok):
+    data = encoded(Image.open(XRAY).convert("L").resize(size), "PNG")
+    if ok:
+        assert read_image(data).size == size
+        return
+    with pytest.raises(ImageError, match=f"image of {size[0]}x{size[1]} pixels is too") as err:
+        read_image(data)
+    assert f"at most {MAX_ASPECT} times the short side" in str(err.value)
+
+
+def xray_pixels() -> np.ndarray:
+    return np.asarray(Image.open(XRAY).convert("L"), dtype=int)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("bits", [8, 16])
+def test_an_uncompressed_dicom_gives_the_pixels_of_its_source(photometric, bits):
+    data = dicom_bytes(Image.open(XRAY), photometric=photometric, bits=bits)
+    out = read_image(data)
+    assert out.mode == "RGB"
+    # MONOCHROME1 stores inverted values (0 is white): read, they are the source's again
+    np.testing.assert_array_equal(gray(out), xray_pixels())
+    assert read_image(data).size == Image.open(XRAY).size
+
+
+def test_a_dicom_voi_window_is_applied():
+    out = gray(read_image(dicom_bytes(Image.open(XRAY), window=(100, 81))))
+    x = xray_pixels()  # DICOM's linear window: 0 up to 59, 255 from 140, a ramp between
+    expected = np.clip(((x - 99.5) / 80 + 0.5) * 255, 0, 255)
+    assert np.abs(out - expected).max() <= 1
+    assert (out == 0).mean() > 0.1 and (out == 255).mean() > 0.1
+
+
+def test_a_16_bit_dicom_is_rescaled_before_its_window():
+    # stored 16 * v + 8 with slope 0.0625 and intercept -0.5: the window (128, 256) is in
+    # rescaled units, and maps 0-255 onto itself; on the stored values it would be all white
+    out = gray(read_image(dicom_bytes(Image.open(XRAY), bits=16, window=(128, 256))))
+    assert np.abs(out - xray_pixels()).max() <= 1
+
+
+def edit_dicom(data: bytes, change) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    change(ds)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_an_rle_lossless_dicom_is_decoded():
+    from pydicom.uid import RLELossless
+
+    data = dicom_bytes(Image.open(XRAY), bits=16, compress=RLELossless)
+    np.testing.assert_array_equal(gray(read_image(data)), xray_pixels())
+
+
+def encapsulated(codestream: Image.Image, fmt: str, syntax: str, **kw) -> bytes:
+    """A DICOM of the sample X-ray's header whose one frame is `codestream` saved as `fmt`."""
+    from pydicom.encaps import encapsulate
+
+    def change(ds):
+        ds.file_meta.TransferSyntaxUID = syntax
+        ds.PixelData = encapsulate([encoded(codestream, fmt, **kw)])
+        ds["PixelData"].VR = "OB"
+
+    return edit_dicom(dicom_bytes(Image.open(XRAY)), change)
+
+
+@pytest.mark.parametrize(("fmt", "syntax", "kw"), [
+    ("JPEG", "1.2.840.10008.1.2.4.50", {"quality": 100}),  # JPEG Baseline
+    ("JPEG2000", "1.2.840.10008.1.2.4.90", {"irreversible": False, "no_jp2": True}),  # lossless
+])
+def test_a_dicom_compressed_as_pillow_decodes_is_decoded(fmt, syntax, kw):
+    source = Image.open(XRAY).convert("L")
+    data = encapsulated(source, fmt, syntax, **kw)
+    expected = np.asarray(Image.open(io.BytesIO(encoded(source, fmt, **kw))), dtype=int)
+    np.testing.assert_array_equal(gray(read_image(data)), expected)
+
+
+def test_a_dicom_codestream_larger_than_its_header_is_refused_before_decoding(monkeypatch):
+    data = encapsulated(Image.new("L", (8000, 8000)), "JPEG2000", "1.2.840.10008.1.2.4.90",
+                        no_jp2=True)
+    assert len(data) < 2_000  # 64 million pixels to decode, in a 224x224 file
+    no_decoding(monkeypatch)
+    with pytest.raises(ImageError, match="DICOM frame of 8000x8000 pixels in a 224x224 image"):
+        read_image(data)
+
+
+def test_a_dicom_in_a_syntax_no_plugin_decodes_is_refused_naming_it(monkeypatch):
+    from pydicom.uid import JPEGLSLossless
+
+    data = dicom_bytes(Image.open(XRAY), compress=JPEGLSLossless)
+    no_decoding(monkeypatch)
+    with pytest.raises(UnsupportedFormat, match=r"DICOM transfer syntax JPEG-LS Lossless Image "
+                       r"Compression \(1\.2\.840\.10008\.1\.2\.4\.80\) cannot be decoded here"):
+        read_image(data)
+
+
+def test_a_dicom_without_pixel_data_is_an_image_error():
+    data = edit_dicom(dicom_bytes(Image.open(XRAY)), lambda ds: delattr(ds, "PixelData"))
+    with pytest.raises(ImageError, match="^DICOM has no pixel data$") as err:
+        read_image(data)
+    assert not isinstance(err.value, UnsupportedFormat)
+
+
+def test_a_dicom_size_is_checked_from_its_header_before_decoding(monkeypatch):
+    small = dicom_bytes(Image.open(XRAY).resize((16, 16)))
+    huge = edit_dicom(dicom_bytes(Image.open(XRAY)),
+                      lambda ds: setattr(ds, "Rows", 60_000) or setattr(ds, "Columns", 60_000))
+    no_decoding(monkeypatch)
+    with pytest.raises(ImageError, match=f"16x16 pixels is too small: the short side must be "
+                                         f"at least {MIN_SIDE} px"):
+        read_image(small)
+    with pytest.raises(ImageError, match="60000x60000 pixels is over the limit of 4,000,000"):
+        read_image(huge, max_pixels=4_000_000)
+    with pytest.raises(ImageError, match="60000x60000 pixels is over the limit"):
+        read_image(huge)  # no cap given: Pillow's decompression-bomb limit
+
+
+def test_a_multi_frame_dicom_gives_its_first_frame():
+    first = xray_pixels().astype(np.uint8)
+
+    def two_frames(ds):
+        ds.NumberOfFrames = 2
+        ds.PixelData = first.tobytes() + (255 - first).tobytes()
+
+    data = edit_dicom(dicom_bytes(Image.open(XRAY)), two_frames)
+    np.testing.assert_array_equal(gray(read_image(data)), first)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """An untrained tiny CLIP folder that ClipClassifier.load reads (no LoRA, no training)."""
+    from pneumoclip.base_models import build_tiny_clip
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_clip(load_section("base_models", ROOT / "params.yaml").tiny_clip, 0, out)
+    prompts = load_section("train_clip", ROOT / "params.yaml").prompts
+    meta = {"prompts": prompts, "base": str(out), "base_is_tiny": True, "temperature": 1.0}
+    (out / "pneumoclip.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_predict_classifies_a_dicom_as_its_source_image(tiny_model, tmp_path):
+    from pneumoclip.predict import predict_files
+
+    dicom = tmp_path / "xray.dcm"
+    dicom.write_bytes(dicom_bytes(Image.open(XRAY), photometric="MONOCHROME1", bits=16))
+    gif = tmp_path / "xray.gif"
+    Image.open(XRAY).save(gif)
+    jpeg, dcm, refused = predict_files([str(XRAY), str(dicom), str(gif)], str(tiny_model))
+    assert dcm["file"] == str(dicom) and dcm["label"] == jpeg["label"]
+    for c, p in jpeg["probabilities"].items():
+        assert dcm["probabilities"][c] == pytest.approx(p, abs=1e-6)
+    assert refused == {"file": str(gif),
+                       "error": "GIF images are not accepted: send PNG, JPEG or DICOM"}
+    assert "PNG, JPEG or DICOM" in cli("predict", "--help").stdout
+
+
+def test_the_serving_docs_quote_the_size_rule():
+    text = " ".join((ROOT / "docs/serving.md").read_text().split())
+    assert (f"the short side at least {MIN_SIDE} px and the long side at most {MAX_ASPECT} "
+            f"times the short side ({MAX_ASPECT}:1" in text)

@@ -150,7 +150,8 @@ def fmt_ci(interval: list[float]) -> str:
               help="A models/clip-lora/VARIANT folder or an MLflow models:/ or runs:/ URI.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
 def predict_cmd(images: tuple[str, ...], model_ref: str, as_json: bool) -> None:
-    """Classify IMAGES; an unreadable file gets its own error line, the rest still run."""
+    """Classify IMAGES (PNG, JPEG or DICOM files); an unreadable file gets its own error
+    line, the rest still run."""
     import json
 
     from pneumoclip.predict import predict_files
