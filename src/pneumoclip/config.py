@@ -124,6 +124,7 @@ class TrainClipParams:
     base_dir: str = path()
     index: str = path()
     out_dir: str = path()
+    checkpoint_dir: str = path()
     seed: int
     epochs: int
     patience: int

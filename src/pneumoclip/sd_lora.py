@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -52,7 +50,7 @@ from pneumoclip.diffusion import (
     make_grid,
     sample_pipeline,
 )
-from pneumoclip.fsutil import atomic_dir, sha256_file
+from pneumoclip.fsutil import atomic_dir, content_key, load_state, save_state
 from pneumoclip.prepare import read_index
 
 
@@ -139,12 +137,7 @@ def diffusion_loss(unet, scheduler, latents, text, params: SdLoraParams, gen) ->
 
 def run_key(params: SdLoraParams) -> str:
     """What decides the result: the params, the index and the base weights."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(params), sort_keys=True).encode())
-    digest.update(sha256_file(params.index).encode())
-    for path in sorted(Path(params.base_dir).rglob("*")):
-        if path.is_file():
-            digest.update(f"{path.relative_to(params.base_dir)}:{sha256_file(path)}".encode())
-    return digest.hexdigest()[:16]
+    return content_key(dataclasses.asdict(params), [params.index], [params.base_dir])
 
 
 @dataclasses.dataclass
@@ -175,23 +168,10 @@ class Checkpoints:
     def load(self) -> ResumeState | None:
         """The saved state, or None; an unreadable one is set aside (kept for a look), not
         fatal, and training starts over."""
-        if not self.state_file.is_file():
-            return None
-        try:  # tensors, numbers and strings only: no pickled objects are executed
-            return ResumeState(**torch.load(self.state_file, map_location="cpu",
-                                            weights_only=True))
-        except Exception as err:  # noqa: BLE001 - any unreadable file is handled alike
-            aside = self.state_file.with_suffix(".corrupt")
-            os.replace(self.state_file, aside)
-            print(f"sd_lora: checkpoint {self.state_file} is unreadable ({err.__class__.__name__}"
-                  f"); moved to {aside.name}, starting over")
-            return None
+        return load_state(self.state_file, "sd_lora", lambda saved: ResumeState(**saved))
 
     def save(self, state: ResumeState) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        torch.save(dataclasses.asdict(state), tmp)
-        os.replace(tmp, self.state_file)  # a kill mid-write keeps the previous checkpoint
+        save_state(self.state_file, dataclasses.asdict(state))
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,16 +4,27 @@ The logits are the scaled cosine similarities between an image and each class's 
 ensemble; the loss is cross-entropy. Validation macro-F1 alone picks the epoch and stops
 training. accelerate owns the device, mixed precision and gradient accumulation, so the same
 code runs a tiny CPU base or a hub CLIP on a GPU.
+
+Every epoch ends with a checkpoint in `checkpoint_dir` (outside the DVC output, which DVC
+deletes before a run), keyed by what decides the result. A rerun after a kill resumes after
+the last finished epoch, on the same MLflow run, and ends with the same weights as an
+unbroken run: the checkpoint holds the generator that draws the batches and augmentation,
+and torch's global one. SIGTERM, like Ctrl-C, ends the MLflow run as KILLED.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
 import json
 import math
+import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +43,35 @@ from pneumoclip.classifier import (
     tokenize_prompts,
 )
 from pneumoclip.config import AugmentParams, TrainClipParams, VariantParams
-from pneumoclip.fsutil import atomic_dir, sha256_file
+from pneumoclip.fsutil import atomic_dir, content_key, load_state, save_state, sha256_file
 from pneumoclip.prepare import read_index
 
 
 class TrainError(RuntimeError):
     """Training cannot start (unknown variant, missing inputs, bad prompts)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the run unwinds, and its MLflow run ends as KILLED."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `Terminated`; the previous handler comes back
+    after. (Python takes signals in the main thread only; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the unwinding finish
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ---------------------------------------------------------------- data
@@ -162,6 +196,74 @@ def scores(labels: np.ndarray, logits: torch.Tensor) -> dict[str, float]:
     }
 
 
+# ---------------------------------------------------------------- checkpoints
+
+STATE_FILE = "state.pt"
+
+
+@dataclasses.dataclass
+class EpochState:
+    """A checkpoint: where training stood after `epoch`, and all it takes to go on exactly.
+
+    Tensors, numbers, strings and containers only, so it loads with `weights_only`.
+    """
+
+    epoch: int
+    run_id: str  # the MLflow run to continue
+    trainable: dict  # the LoRA (and modules_to_save) weights after this epoch
+    optimizer: dict
+    schedule: dict
+    scaler: dict | None  # fp16's gradient scaler, when there is one
+    generator: torch.Tensor  # draws the batches and the augmentation
+    rng: torch.Tensor  # torch's global generator
+    cuda_rng: list  # the CUDA generators; empty without CUDA
+    history: list
+    best: dict
+    best_state: dict
+    stale: int  # epochs since the best
+    train_seconds: float  # spent in the epoch loop so far, over all attempts
+
+
+def run_key(params: TrainClipParams, name: str, variant: VariantParams) -> str:
+    """What decides the result: the params, the variant's, the index, the base weights and,
+    for a variant with synthetic images, that folder's files (its manifest and images)."""
+    synthetic = [variant.train_data] if Path(variant.train_data).is_dir() else []
+    settings = {"train_clip": dataclasses.asdict(params), "variant": name,
+                "variant_params": dataclasses.asdict(variant)}
+    return content_key(settings, [params.index], [params.base_dir, *synthetic])
+
+
+def checkpoint_dir(params: TrainClipParams, name: str, variant: VariantParams) -> Path:
+    """`checkpoint_dir/VARIANT-KEY/`: the variant's checkpoint for exactly these inputs."""
+    return Path(params.checkpoint_dir) / f"{name}-{run_key(params, name, variant)}"
+
+
+def metrics_of(record: dict) -> dict[str, float]:
+    return {k: v for k, v in record.items() if k != "epoch"}
+
+
+def log_unlogged_epochs(mlflow, run_id: str, history: list[dict]) -> None:
+    """Log the checkpointed epochs that the run lacks: each epoch is saved before it is
+    logged, so a kill between the two (or a new run) leaves some out, never one twice."""
+    logged = {m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_macro_f1")}
+    for record in history:
+        if record["epoch"] not in logged:
+            mlflow.log_metrics(metrics_of(record), step=record["epoch"])
+
+
+def start_run(mlflow, name: str, tags: dict, run_id: str | None):
+    """Continue the checkpoint's MLflow run, or start a new one."""
+    if run_id:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return mlflow.start_run(run_id=run_id)
+        except MlflowException as err:
+            print(f"{name}: cannot continue MLflow run {run_id} ({err.message}); "
+                  "logging to a new run", flush=True)
+    return mlflow.start_run(run_name=name, tags=tags)
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -210,8 +312,12 @@ def read_data(params: TrainClipParams, name: str, variant: VariantParams) -> Tra
 
 
 def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, processor,
-        data: TrainData, mlflow) -> tuple[object, object, Fit]:
-    """Train the LoRA, keep the best epoch by validation macro-F1, fit the temperature."""
+        data: TrainData, mlflow, run_id: str, ckpt: Path,
+        resume: EpochState | None) -> tuple[object, object, Fit]:
+    """Train the LoRA, keep the best epoch by validation macro-F1, fit the temperature.
+
+    Each epoch is checkpointed to `ckpt`; with `resume`, training goes on after its epoch.
+    """
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
@@ -233,13 +339,32 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, proces
     schedule = get_cosine_schedule_with_warmup(
         optimizer, params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch
     )
+    if resume:
+        load_trainable_state(model, resume.trainable)
+        optimizer.load_state_dict(resume.optimizer)
+        schedule.load_state_dict(resume.schedule)
     model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
+    core = accelerator.unwrap_model(model)
     device = accelerator.device
     tokens = tokenize_prompts(processor.tokenizer, params.prompts, device)
 
-    history, best, best_state, stale = [], None, None, 0
+    epoch, history, best, best_state, stale, seconds = 0, [], None, None, 0, 0.0
+    if resume:
+        epoch, history, best, stale = resume.epoch, resume.history, resume.best, resume.stale
+        best_state, seconds = resume.best_state, resume.train_seconds
+        if accelerator.scaler is not None and resume.scaler:
+            accelerator.scaler.load_state_dict(resume.scaler)
+        # the generators as the epoch boundary left them: the prepared loader draws its
+        # order (and worker seed) from `gen` when each epoch's iteration starts, and
+        # augment draws from it per batch, so the next epochs draw what they would have
+        gen.set_state(resume.generator)
+        torch.set_rng_state(resume.rng)
+        if resume.cuda_rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume.cuda_rng)
+        log_unlogged_epochs(mlflow, run_id, history)
     started = time.perf_counter()
-    for epoch in range(1, params.epochs + 1):
+    while epoch < params.epochs and stale < params.patience:
+        epoch += 1
         model.train()
         losses = []
         # a bar on a terminal; in a log (no TTY) only the one line per epoch below
@@ -262,19 +387,27 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, proces
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
         history.append(record)
-        mlflow.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-        print(f"{name}: epoch {epoch}/{params.epochs} loss {record['train_loss']:.4f} "
-              f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}", flush=True)
         if best is None or val["macro_f1"] > best["val_macro_f1"]:
             best, stale = record, 0
-            best_state = copy.deepcopy(trainable_state(model))
+            best_state = copy.deepcopy(trainable_state(core))
         else:
             stale += 1
-            if stale >= params.patience:
-                print(f"{name}: early stop, no val macro-F1 gain in {stale} epochs", flush=True)
-                break
-    train_seconds = time.perf_counter() - started
-    load_trainable_state(model, best_state)
+        save_state(ckpt / STATE_FILE, dataclasses.asdict(EpochState(
+            epoch=epoch, run_id=run_id, trainable=trainable_state(core),
+            optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+            scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            generator=gen.get_state(), rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            history=history, best=best, best_state=best_state, stale=stale,
+            train_seconds=seconds + time.perf_counter() - started,
+        )))
+        mlflow.log_metrics(metrics_of(record), step=epoch)
+        print(f"{name}: epoch {epoch}/{params.epochs} loss {record['train_loss']:.4f} "
+              f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}", flush=True)
+        if stale >= params.patience:
+            print(f"{name}: early stop, no val macro-F1 gain in {stale} epochs", flush=True)
+    train_seconds = seconds + time.perf_counter() - started
+    load_trainable_state(core, best_state)
     model.eval()
     val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device).float()
     temperature = (
@@ -322,6 +455,10 @@ def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
     processor = CLIPProcessor.from_pretrained(params.base_dir)
     clip = CLIPModel.from_pretrained(params.base_dir)
     source = json.loads((Path(params.base_dir) / "pneumoclip_source.json").read_text())
+    ckpt = checkpoint_dir(params, name, variant)
+    resume = load_state(ckpt / STATE_FILE, name, lambda saved: EpochState(**saved))
+    if resume:
+        print(f"{name}: resuming after epoch {resume.epoch} ({ckpt})", flush=True)
 
     mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
     synthetic = data.synthetic or {}
@@ -329,7 +466,29 @@ def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
         "synthetic_dvc_md5": synthetic.get("dvc_md5", "none"),
         "synthetic_manifest_sha256": synthetic.get("manifest_sha256", "none"),
     }
-    with mlflow.start_run(run_name=name, tags=tags) as run:
+    with sigterm_interrupts():
+        status = "FAILED"
+        try:
+            run = start_run(mlflow, name, tags, resume.run_id if resume else None)
+            summary = train_in_run(mlflow, run, params, name, variant, clip, processor, data,
+                                   source, ckpt, resume)
+            status = "FINISHED"
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM
+            status = "KILLED"
+            raise
+        finally:
+            mlflow.end_run(status)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return summary
+
+
+def train_in_run(mlflow, run, params: TrainClipParams, name: str, variant: VariantParams,
+                 clip, processor, data: TrainData, source: dict, ckpt: Path,
+                 resume: EpochState | None) -> dict:
+    """Fit, save and log the model in the active MLflow `run` (a continued one logs no
+    params or datasets again)."""
+    synthetic = data.synthetic or {}
+    if not (resume and resume.run_id == run.info.run_id):
         mlflow.log_params(tracking.flatten(dataclasses.asdict(params)) | tracking.flatten(
             dataclasses.asdict(variant), "variant."
         ) | {"train_images": len(data.train_rows), "val_images": len(data.val_rows),
@@ -342,24 +501,25 @@ def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
                                  synthetic["dvc_md5"], "training")
         tracking.log_dataset(mlflow, data.val_rows, "kermany-val", tracking.dvc_hash(),
                              "validation")
-        accelerator, model, result = fit(params, name, variant, clip, processor, data, mlflow)
-        best = result.best
-        n_trainable, n_total = accelerator.unwrap_model(model).get_nb_trainable_parameters()
-        mlflow.log_params({"trainable_params": n_trainable, "total_params": n_total})
-        mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
-                            "best_val_macro_f1": best["val_macro_f1"],
-                            "temperature": result.temperature,
-                            "train_seconds": result.train_seconds})
-        with atomic_dir(Path(params.out_dir) / name) as out:
-            summary = save_model(out, params, name, accelerator.unwrap_model(model), processor,
-                                 data, result, source)
-            info = tracking.log_classifier(
-                mlflow, out, tracking.image_bytes(data.val_rows[0]["path"]), data.classes
-            )
-            (out / "mlflow_run.json").write_text(json.dumps({
-                "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                "model_uri": info.model_uri, "tracking_uri": tracking.tracking_uri(),
-            }, indent=2) + "\n")
+    accelerator, model, result = fit(params, name, variant, clip, processor, data, mlflow,
+                                     run.info.run_id, ckpt, resume)
+    best = result.best
+    n_trainable, n_total = accelerator.unwrap_model(model).get_nb_trainable_parameters()
+    mlflow.log_params({"trainable_params": n_trainable, "total_params": n_total})
+    mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
+                        "best_val_macro_f1": best["val_macro_f1"],
+                        "temperature": result.temperature,
+                        "train_seconds": result.train_seconds})
+    with atomic_dir(Path(params.out_dir) / name) as out:
+        summary = save_model(out, params, name, accelerator.unwrap_model(model), processor,
+                             data, result, source)
+        info = tracking.log_classifier(
+            mlflow, out, tracking.image_bytes(data.val_rows[0]["path"]), data.classes
+        )
+        (out / "mlflow_run.json").write_text(json.dumps({
+            "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+            "model_uri": info.model_uri, "tracking_uri": tracking.tracking_uri(),
+        }, indent=2) + "\n")
     return summary
 
 
