@@ -77,3 +77,71 @@ def test_register_names_what_is_missing(trained, tmp_path):
     out = cli("register", "--params", str(params), check=False)
     assert out.returncode == 1
     assert "variant nope:" in out.stderr and "run `dvc repro train_clip@nope`" in out.stderr
+
+
+def test_two_registers_at_once_end_with_the_better_version(trained, tmp_path):
+    """Three races of two `pneumoclip register` processes on fresh models: the better version
+    is champion after each (the worse one starts a little later, so it would set last)."""
+    import subprocess
+    import time
+
+    from mlflow import MlflowClient
+
+    names = [f"race-{uuid.uuid4().hex[:8]}" for _ in range(3)]
+    procs = []
+    for name in names:
+        for variant, f1 in {"good": 0.80, "worse": 0.70}.items():
+            root = tmp_path / name / variant  # its own params and registry.json
+            variant_copy(trained, root, variant, f1)
+            params = register_params(trained, root, name, [variant])
+            procs.append(subprocess.Popen(["pneumoclip", "register", "--params", str(params)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+            time.sleep(0.3)
+    for proc in procs:
+        assert proc.wait(120) == 0, proc.stdout.read()
+    client = MlflowClient(trained["uri"])
+    for name in names:
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.tags["variant"] == "good", name
+
+
+def test_nan_never_wins_and_never_blocks(trained, tmp_path):
+    from mlflow import MlflowClient
+
+    name = f"nan-{uuid.uuid4().hex[:8]}"
+    variant_copy(trained, tmp_path, "broken", float("nan"))
+    variant_copy(trained, tmp_path, "fine", 0.40)
+    variant_copy(trained, tmp_path, "next", 0.30)
+    out = cli("register", "--params",
+              str(register_params(trained, tmp_path, name, ["broken"])), check=False)
+    assert out.returncode == 1 and "no variant has a finite val_macro_f1" in out.stderr
+    cli("register", "--params", str(register_params(trained, tmp_path, name, ["broken", "fine"])))
+    first = json.loads((tmp_path / "registry.json").read_text())
+    assert (first["variant"], first["promoted"]) == ("fine", True)
+    # a champion whose stored score reads NaN (hand-edited, or from an old bug) must not block
+    client = MlflowClient(trained["uri"])
+    client.set_model_version_tag(name, str(first["version"]), "val_macro_f1", "nan")
+    cli("register", "--params", str(register_params(trained, tmp_path, name, ["next"])))
+    second = json.loads((tmp_path / "registry.json").read_text())
+    assert (second["variant"], second["promoted"]) == ("next", True)
+    assert "has no finite val_macro_f1" in second["reason"]
+
+
+def test_a_champion_validated_on_other_data_is_replaced_and_the_rule_is_written(
+        trained, tmp_path):
+    from mlflow import MlflowClient
+
+    name = f"data-{uuid.uuid4().hex[:8]}"
+    variant_copy(trained, tmp_path, "old", 0.90)
+    variant_copy(trained, tmp_path, "new", 0.50)
+    cli("register", "--params", str(register_params(trained, tmp_path, name, ["old"])))
+    old = json.loads((tmp_path / "registry.json").read_text())
+    client = MlflowClient(trained["uri"])
+    client.set_model_version_tag(name, str(old["version"]), "data_dvc_md5", "other-data.dir")
+    out = cli("register", "--params", str(register_params(trained, tmp_path, name, ["new"])))
+    new = json.loads((tmp_path / "registry.json").read_text())
+    assert (new["promoted"], new["champion_version"]) == (True, new["version"])
+    assert "was validated on other data (other-data.dir" in new["reason"]
+    assert new["reason"] in out.stdout  # and in the log
+    assert new["data_dvc_md5"] == client.get_model_version(name, new["version"]).tags[
+        "data_dvc_md5"]

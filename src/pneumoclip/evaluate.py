@@ -6,6 +6,7 @@ The test split is only ever reported here, never used to choose anything.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm import tqdm
 from pneumoclip import tracking
 from pneumoclip.classifier import ClipClassifier, read_image
 from pneumoclip.config import EvaluateParams
+from pneumoclip.fsutil import atomic_write, write_json
 from pneumoclip.prepare import read_index
 
 # metrics/VARIANT.json holds the headline numbers, metrics/VARIANT/details.json everything
@@ -115,11 +117,17 @@ def classification_metrics(
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
+
+
+def save_figure(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write(path, buffer.getvalue())
 
 
 def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str], title: str,
@@ -171,7 +179,7 @@ def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str],
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
            title=f"{title}: reliability (test)")
     fig.tight_layout()
-    fig.savefig(out / "test.png", dpi=110)
+    save_figure(fig, out / "test.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
@@ -181,7 +189,7 @@ def write_plots(out: Path, y: np.ndarray, probs: np.ndarray, classes: list[str],
     ax.set(xlabel="epoch", title=f"{title}: training")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "training.png", dpi=110)
+    save_figure(fig, out / "training.png")
     plt.close(fig)
 
 
@@ -245,8 +253,8 @@ def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
     }
     out = Path(params.out_dir)
     write_plots(out / variant, y, probs, classes, variant, val["history"], params.ece_bins)
-    (out / variant / DETAILS).write_text(json.dumps(metrics, indent=2) + "\n")
-    (out / f"{variant}.json").write_text(json.dumps(headline(metrics), indent=2) + "\n")
+    write_json(out / variant / DETAILS, metrics)
+    write_json(out / f"{variant}.json", headline(metrics))
     log_to_run(model_dir, variant, metrics, out, test)
     return metrics
 

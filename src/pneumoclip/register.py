@@ -1,13 +1,21 @@
 """`register` stage: register the best classifier in the MLflow Model Registry.
 
-The best variant is chosen by validation macro-F1, never by test. The `champion` alias moves
-to the new version only if it beats the current champion on that same validation metric
-(a tie keeps the old one).
+The best variant is chosen by validation macro-F1, never by test. Then `@champion` is set to
+the best eligible version in the registry, by the same validation metric, where eligible means:
+a finite score (NaN never wins and never blocks), validated on the same data (the
+`data_dvc_md5` tag; scores on other data are not comparable, so a champion validated on other
+data is replaced by the best version on this data, and the log and registry.json say so), and
+not tagged `champion_eligible=false` (how to retire a version). A tie goes to the older version.
+
+Promotion cannot be raced: each run sets the alias to the best it sees, then reads the
+registry again until the alias is the best there; two concurrent runs end with the better
+version as champion (every version is registered before its run first reads).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +23,7 @@ from pneumoclip import tracking
 from pneumoclip.classifier import META_FILE
 from pneumoclip.config import RegisterParams
 from pneumoclip.evaluate import DETAILS
+from pneumoclip.fsutil import write_json
 
 SELECTION_METRIC = "val_macro_f1"
 
@@ -72,6 +81,57 @@ def current_champion(client, name: str, alias: str):
         return None
 
 
+def score(version) -> float:
+    """A version's stored validation score; NaN where missing or unreadable."""
+    try:
+        return float(version.tags.get(SELECTION_METRIC, "nan"))
+    except ValueError:
+        return math.nan
+
+
+def best_version(client, name: str, data_md5: str):
+    """The best eligible version of `name` on the validation data `data_md5` (module doc)."""
+    eligible = [v for v in client.search_model_versions(f"name = '{name}'")
+                if math.isfinite(score(v)) and v.tags.get("data_dvc_md5") == data_md5
+                and v.tags.get("champion_eligible", "true") != "false"]
+    return min(eligible, key=lambda v: (-score(v), int(v.version)), default=None)
+
+
+def promote(client, name: str, alias: str, data_md5: str, attempts: int = 20):
+    """Point `alias` at the best eligible version; repeat until a fresh read agrees."""
+    for _ in range(attempts):
+        best = best_version(client, name, data_md5)
+        champion = current_champion(client, name, alias)
+        if best is None or (champion is not None and champion.version == best.version):
+            return best
+        client.set_registered_model_alias(name, alias, best.version)
+    raise RegistryError(f"@{alias} of {name} kept moving under {attempts} promotions; "
+                        "is another register running in a loop?")
+
+
+def rule_applied(old, new_version, new_score: float, winner, data_md5: str,
+                 alias: str) -> str:
+    if old is None:
+        return f"no {alias} yet"
+    old_score = score(old)
+    if old.tags.get("data_dvc_md5") != data_md5:
+        return (f"{alias} version {old.version} was validated on other data "
+                f"({old.tags.get('data_dvc_md5', 'untagged')}, this run {data_md5}): its "
+                f"{SELECTION_METRIC} is not comparable, so {alias} is the best version on "
+                f"this data, version {winner.version} ({score(winner):.4f})")
+    if not math.isfinite(old_score):
+        return (f"{alias} version {old.version} has no finite {SELECTION_METRIC}; "
+                f"version {winner.version} ({score(winner):.4f}) takes it")
+    if winner.version == new_version:
+        return (f"{SELECTION_METRIC} {new_score:.4f} beats version {old.version}'s "
+                f"{old_score:.4f}")
+    if winner.version == old.version:
+        return (f"{SELECTION_METRIC} {new_score:.4f} does not beat version {old.version}'s "
+                f"{old_score:.4f}; {alias} stays")
+    return (f"version {winner.version} ({score(winner):.4f}) is the best version on this "
+            f"data; {alias} moves there from version {old.version} ({old_score:.4f})")
+
+
 def register(params: RegisterParams) -> dict:
     """Register the best variant; move the alias if it wins. Returns what happened."""
     from mlflow import MlflowClient
@@ -79,14 +139,20 @@ def register(params: RegisterParams) -> dict:
     mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
     client = MlflowClient()
     found = candidates(params)
-    best = max(found, key=lambda c: c["val"]["val_macro_f1"])  # first wins a tie
+    finite = [c for c in found if math.isfinite(c["val"]["val_macro_f1"])]
+    if not finite:
+        raise RegistryError("no variant has a finite val_macro_f1: "
+                            + ", ".join(f"{c['variant']} {c['val']['val_macro_f1']}"
+                                        for c in found))
+    best = max(finite, key=lambda c: c["val"]["val_macro_f1"])  # first wins a tie
     try:
         client.get_run(best["run"]["run_id"])
     except Exception as err:
         raise RegistryError(
             f"run {best['run']['run_id']} of variant {best['variant']} is not in the tracking "
-            f"store {tracking.tracking_uri()} (it was logged to {best['run']['tracking_uri']}); "
-            "retrain or set MLFLOW_TRACKING_URI"
+            f"store {tracking.public_uri()} (it was logged to "
+            f"{tracking.public_uri(best['run']['tracking_uri'])}); retrain or set "
+            "MLFLOW_TRACKING_URI"
         ) from err
     tags = version_tags(best)
     version = mlflow.register_model(best["run"]["model_uri"], params.model_name, tags=tags)
@@ -97,27 +163,18 @@ def register(params: RegisterParams) -> dict:
         time.sleep(1)
     old = current_champion(client, params.model_name, params.alias)
     new_score = float(tags[SELECTION_METRIC])  # as stored, so a rerun ties with itself
-    old_score = float(old.tags.get(SELECTION_METRIC, "-inf")) if old else None
-    promoted = old is None or new_score > old_score
-    if promoted:
-        client.set_registered_model_alias(params.model_name, params.alias, version.version)
-        reason = (f"no {params.alias} yet" if old is None else
-                  f"{SELECTION_METRIC} {new_score:.4f} beats version {old.version}'s "
-                  f"{old_score:.4f}")
-    else:
-        reason = (f"{SELECTION_METRIC} {new_score:.4f} does not beat version {old.version}'s "
-                  f"{old_score:.4f}; {params.alias} stays")
+    winner = promote(client, params.model_name, params.alias, tags["data_dvc_md5"])
     result = {
         "model_name": params.model_name, "version": int(version.version),
-        "variant": best["variant"], SELECTION_METRIC: new_score, "promoted": promoted,
-        "alias": params.alias,
-        "champion_version": int(version.version) if promoted else int(old.version),
-        "reason": reason, "tracking_uri": tracking.tracking_uri(),
+        "variant": best["variant"], SELECTION_METRIC: new_score,
+        "promoted": winner.version == version.version, "alias": params.alias,
+        "champion_version": int(winner.version),
+        "reason": rule_applied(old, version.version, new_score, winner, tags["data_dvc_md5"],
+                               params.alias),
+        "data_dvc_md5": tags["data_dvc_md5"], "tracking_uri": tracking.public_uri(),
         "candidates": {c["variant"]: c["val"]["val_macro_f1"] for c in found},
     }
-    out = Path(params.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(params.out, result)
     return result
 
 
@@ -129,7 +186,7 @@ def show(name: str) -> list[dict]:
     client = MlflowClient()
     versions = client.search_model_versions(f"name = '{name}'")
     if not versions:
-        raise RegistryError(f"no registered model {name!r} in {tracking.tracking_uri()}")
+        raise RegistryError(f"no registered model {name!r} in {tracking.public_uri()}")
     aliases: dict[str, list[str]] = {}  # search results leave aliases out; ask the model
     for alias, version in client.get_registered_model(name).aliases.items():
         aliases.setdefault(str(version), []).append(alias)

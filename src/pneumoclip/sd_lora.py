@@ -273,7 +273,7 @@ def train_sd_lora(params: SdLoraParams) -> dict:
                 "resolution": params.resolution, "lora": dataclasses.asdict(params.lora),
                 "per_class": params.per_class, "adapters": files,
                 "lora_sha256": lora_sha256(out, files.values()), "run_id": run.info.run_id,
-                "tracking_uri": tracking.tracking_uri(),
+                "tracking_uri": tracking.public_uri(),
             } | summary
             (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             grid = trainer.sample_grid(parts, "final")

@@ -27,7 +27,7 @@ def champion_version(settings: ServeParams):
     except MlflowException as err:
         raise ServingError(
             f"no @{settings.alias} for registered model {settings.model_name!r} in "
-            f"{tracking.tracking_uri()}: run `dvc repro register` first ({err.message})"
+            f"{tracking.public_uri()}: run `dvc repro register` first ({err.message})"
         ) from err
 
 
@@ -41,7 +41,7 @@ def import_champion(settings: ServeParams):
         settings.model_name.replace("_", "-"), uri,
         labels={"mlflow_name": settings.model_name, "mlflow_version": str(version.version),
                 "variant": version.tags.get("variant", "?"), "alias": settings.alias},
-        metadata={"mlflow_uri": uri, "tracking_uri": tracking.tracking_uri(),
+        metadata={"mlflow_uri": uri, "tracking_uri": tracking.public_uri(),
                   "val_macro_f1": version.tags.get("val_macro_f1", "?")},
     )
 

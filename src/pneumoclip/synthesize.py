@@ -43,7 +43,7 @@ from pneumoclip.diffusion import (
     lora_sha256,
     make_grid,
 )
-from pneumoclip.fsutil import atomic_dir
+from pneumoclip.fsutil import atomic_dir, write_json
 from pneumoclip.prepare import read_index
 
 MANIFEST = "manifest.csv"
@@ -380,8 +380,7 @@ def synthesize(params: SynthesizeParams) -> dict:
             writer.writeheader()
             writer.writerows(rows)
         grid = sample_grid(rows, probe, work, index, classes, out)
-    Path(params.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(params.metrics).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(params.metrics, report)
     log_to_sd_run(meta, report, grid, params)
     shutil.rmtree(work, ignore_errors=True)
     return report
@@ -406,7 +405,7 @@ def sample_grid(rows: list[dict], probe: list[dict], work: Path, index: list[dic
 
 def log_to_sd_run(meta: dict, report: dict, grid, params: SynthesizeParams) -> None:
     """Add the quality figures to the SD LoRA run that made the images (same store only)."""
-    if meta.get("tracking_uri") != tracking.tracking_uri():
+    if meta.get("tracking_uri") != tracking.public_uri():
         print("synthesize: the SD LoRA run lives in another tracking store; not logging")
         return
     mlflow = tracking.setup(SD_EXPERIMENT)

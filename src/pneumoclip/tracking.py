@@ -11,6 +11,7 @@ import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import mlflow.pyfunc
 import pandas as pd
@@ -25,8 +26,42 @@ PYFUNC_ARTIFACT = "model_dir"
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """MLFLOW_TRACKING_URI when set, else a SQLite store in the working directory.
+
+    A user and password in an http(s) URI move to MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, where MLflow's client reads them, and leave the URI (MLflow
+    prints the URI in its "View run" lines). A database URI keeps them (its driver needs
+    them): whatever is written or printed uses `public_uri`.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and "@" in parts.netloc:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # for MLflow and every child process
+    return uri
+
+
+SECRET_QUERY_KEYS = {"password", "passwd", "pwd", "token", "access_token", "secret"}
+
+
+def public_uri(uri: str | None = None) -> str:
+    """A tracking URI fit for files, tags and logs: no user, password or secret query value."""
+    uri = tracking_uri() if uri is None else uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{key}=***" if key.lower() in SECRET_QUERY_KEYS else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri
+    authority = "//" if uri.startswith(f"{parts.scheme}://") else ""  # sqlite:///, postgresql:///
+    return (f"{parts.scheme}:{authority}{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
 
 
 def setup(experiment: str):

@@ -518,7 +518,7 @@ def train_in_run(mlflow, run, params: TrainClipParams, name: str, variant: Varia
         )
         (out / "mlflow_run.json").write_text(json.dumps({
             "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-            "model_uri": info.model_uri, "tracking_uri": tracking.tracking_uri(),
+            "model_uri": info.model_uri, "tracking_uri": tracking.public_uri(),
         }, indent=2) + "\n")
     return summary
 
