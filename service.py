@@ -20,36 +20,37 @@ from typing import Annotated
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import InvalidArgument
 from bentoml.validators import ContentType
 
 HERE = Path(__file__).resolve().parent
 if (HERE / "src" / "pneumoclip").is_dir():  # inside the Bento or a checkout: use that code
     sys.path.insert(0, str(HERE / "src"))
 
-from pneumoclip.classifier import ImageError, read_image  # noqa: E402
+from pneumoclip.classifier import ImageError, UnsupportedFormat, read_image  # noqa: E402
 from pneumoclip.config import load_section  # noqa: E402
 from pneumoclip.serving import (  # noqa: E402
     MicroBatcher,
-    UploadGuard,
+    Refused,
+    UploadRoutes,
     champion_model,
     load_classifier,
 )
 
 SETTINGS = load_section("serve", os.environ.get("PNEUMOCLIP_PARAMS", HERE / "params.yaml"))
-MODEL = champion_model(SETTINGS)
+MODEL = champion_model(SETTINGS, HERE)
+ROUTES = {"/classify": ("image", False), "/classify_batch": ("images", True)}
+RUNNING: dict[str, Pneumoclip] = {}  # this worker's service instance, for UploadRoutes
 
 
 def check_image(raw: bytes):
-    """Bytes of one upload to an RGB PIL image, or a 400 that says what is wrong."""
-    if len(raw) > SETTINGS.max_bytes:
-        raise InvalidArgument(
-            f"upload of {len(raw):,} bytes is over the limit of {SETTINGS.max_bytes:,}"
-        )
+    """Bytes of one upload to an RGB PIL image, or a refusal that says what is wrong:
+    415 for a format other than PNG, JPEG or DICOM, 400 for anything else unreadable."""
     try:
         return read_image(raw, max_pixels=SETTINGS.max_pixels)
+    except UnsupportedFormat as err:
+        raise Refused(415, str(err)) from err
     except ImageError as err:
-        raise InvalidArgument(str(err)) from err
+        raise Refused(400, str(err)) from err
 
 
 @bentoml.service(name="pneumoclip", workers=SETTINGS.workers, traffic={"timeout": 60})
@@ -57,7 +58,10 @@ class Pneumoclip:
     model = MODEL
 
     def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
+        from prometheus_client import Histogram
 
         if SETTINGS.torch_threads:
             torch.set_num_threads(SETTINGS.torch_threads)
@@ -69,12 +73,16 @@ class Pneumoclip:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.classifier = load_classifier(self.model, self.device)
         self.classes = self.classifier.classes
+        self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, "decode")
 
         def forward(pixels: np.ndarray) -> np.ndarray:
             logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels).to(self.device))
             return torch.softmax(logits, dim=-1).cpu().numpy()
 
-        self.probabilities = MicroBatcher(forward, SETTINGS.max_batch_size)
+        sizes = Histogram("pneumoclip_batch_size", "Images per forward pass of the micro-batcher",
+                          buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.probabilities = MicroBatcher(forward, SETTINGS.max_batch_size, sizes.observe)
+        RUNNING["service"] = self
 
     def answer(self, probs: np.ndarray) -> dict:
         return {
@@ -86,35 +94,51 @@ class Pneumoclip:
             "model_version": self.model_version,
         }
 
-    def pixels(self, images: list) -> np.ndarray:
-        return self.classifier.pixel_values(images).numpy()
+    def pixels(self, raw: bytes, where: str) -> np.ndarray:
+        """One upload to the model's input, in a decoder thread; the decoded image is
+        dropped at once, so a worker holds at most `decode_threads` of them."""
+        try:
+            image = check_image(raw)
+        except Refused as refused:
+            raise Refused(refused.status, f"{where}{refused}") from None
+        return self.classifier.pixel_values([image]).numpy()
 
+    async def classify_files(self, files: list[bytes], many: bool):
+        """The answer for the uploaded files of one request (UploadRoutes calls this)."""
+        import asyncio
+
+        if not files:
+            raise Refused(400, "no images in the request (repeat the multipart field `images`)"
+                          if many else "Field required: send the image as field `image`")
+        if not many and len(files) > 1:
+            raise Refused(400, f"{len(files)} files in field `image`: /classify takes one; "
+                               "send several to /classify_batch as field `images`")
+        if len(files) > SETTINGS.max_batch_images:
+            raise Refused(400, f"{len(files)} images in one request; the limit is "
+                               f"{SETTINGS.max_batch_images}")
+        loop = asyncio.get_running_loop()
+        pixels = []
+        for i in range(len(files)):
+            where = f"image {i + 1} of {len(files)}: " if many else ""
+            pixels.append(await loop.run_in_executor(self.decoders, self.pixels, files[i], where))
+            files[i] = b""  # the raw bytes are not needed any more
+        probs = await self.probabilities(np.concatenate(pixels))
+        answers = [self.answer(p) for p in probs]
+        return answers if many else answers[0]
+
+    # The two routes below are what the OpenAPI page shows; over HTTP, UploadRoutes answers
+    # them (same fields, same answers) before BentoML's own multipart parsing.
     @bentoml.api(route="/classify")
     async def classify(self, image: Annotated[Path, ContentType("image/*")]) -> dict:
-        """Classify one uploaded X-ray (multipart field `image`, PNG or JPEG, any mode)."""
-        pil = check_image(Path(image).read_bytes())
-        probs = await self.probabilities(self.pixels([pil]))
-        return self.answer(probs[0])
+        """Classify one uploaded X-ray (multipart file field `image`: PNG, JPEG or DICOM)."""
+        return await self.classify_files([Path(image).read_bytes()], many=False)
 
     @bentoml.api(route="/classify_batch")
     async def classify_batch(
         self, images: list[Annotated[Path, ContentType("image/*")]]
     ) -> list[dict]:
-        """Classify several uploads (repeated multipart field `images`), in order."""
-        if not images:
-            raise InvalidArgument("no images in the request (repeat the multipart field `images`)")
-        if len(images) > SETTINGS.max_batch_images:
-            raise InvalidArgument(
-                f"{len(images)} images in one request; the limit is {SETTINGS.max_batch_images}"
-            )
-        pils = []
-        for i, path in enumerate(images):
-            try:
-                pils.append(check_image(Path(path).read_bytes()))
-            except InvalidArgument as err:
-                raise InvalidArgument(f"image {i + 1} of {len(images)}: {err}") from err
-        probs = await self.probabilities(self.pixels(pils))
-        return [self.answer(p) for p in probs]
+        """Classify several uploads (repeated multipart file field `images`), in order."""
+        return await self.classify_files([Path(p).read_bytes() for p in images], many=True)
 
     @bentoml.api(route="/ready")
     def ready(self) -> dict:
@@ -123,7 +147,10 @@ class Pneumoclip:
                 "variant": self.variant, "classes": self.classes, "device": self.device}
 
 
-Pneumoclip.add_asgi_middleware(
-    UploadGuard, fields={"/classify": "image", "/classify_batch": "images"},
-    max_body=SETTINGS.max_request_bytes,
-)
+def running_handler():
+    service = RUNNING.get("service")
+    return service.classify_files if service else None
+
+
+Pneumoclip.add_asgi_middleware(UploadRoutes, routes=ROUTES, handler=running_handler,
+                               settings=SETTINGS)

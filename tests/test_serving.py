@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -112,26 +113,198 @@ def test_bad_input_gets_a_4xx_that_says_what_is_wrong(bento):
     over = png(Image.new("L", (2001, 2001)))  # 4,004,001 pixels, over the 4,000,000 limit
     too_many = [("images", (f"{i}.jpeg", good, "image/jpeg"))
                 for i in range(SETTINGS.max_batch_images + 1)]
+    url = bento["url"]
     cases = [
-        (requests.post(f"{bento['url']}/classify", timeout=30), 400, "Field required"),
+        (requests.post(f"{url}/classify", timeout=30), 415, "multipart/form-data"),
         (classify(bento, b""), 400, "empty image (0 bytes)"),
         (classify(bento, b"hello, not an image"), 400, "not a readable image"),
         (classify(bento, good[: len(good) // 2], "image/jpeg"), 400, "image file is truncated"),
         (classify(bento, over), 400, "over the limit of 4,000,000 pixels"),
-        (classify(bento, good, "text/plain"), 400, "Invalid content type text/plain"),
+        (classify(bento, good, "text/plain"), 415, "content type text/plain is not accepted"),
         (classify(bento, good, field="file"), 400, "unexpected multipart field 'file'"),
-        (requests.post(f"{bento['url']}/classify", json={"image": "x"}, timeout=30), 400,
-         "Invalid file type"),
-        (requests.post(f"{bento['url']}/classify_batch", files=too_many, timeout=60), 400,
+        (requests.post(f"{url}/classify", json={"image": "x"}, timeout=30), 415,
+         "(got application/json)"),
+        (requests.post(f"{url}/classify_batch", files=too_many, timeout=60), 400,
          f"{SETTINGS.max_batch_images + 1} images in one request; the limit is "
          f"{SETTINGS.max_batch_images}"),
+        (requests.post(f"{url}/classify", files=[("image", ("a.jpeg", good, "image/jpeg"))] * 2,
+                       timeout=30), 400, "/classify takes one"),
+        (requests.get(f"{url}/classify", timeout=30), 405, "takes POST"),
     ]
     for i, (answer, status, message) in enumerate(cases):
         assert answer.status_code == status, (i, answer.status_code, answer.text)
-        assert message in answer.text, (i, answer.text)
+        assert message in answer.json()["error"], (i, answer.text)
     # nothing above hurt the worker: it still answers
     assert classify(bento, good, "image/jpeg").status_code == 200
     assert bento["proc"].poll() is None
+
+
+@pytest.mark.parametrize("value", ["http://127.0.0.1:1/x.png", "https://example.com/x.png",
+                                   "file:///etc/passwd", "/etc/passwd", "just a string"])
+def test_a_text_value_in_a_file_field_is_refused_and_never_fetched(bento, value):
+    for route, field in (("/classify", "image"), ("/classify_batch", "images")):
+        # (None, value): a form part without a file name, i.e. a text value
+        answer = requests.post(f"{bento['url']}{route}", files={field: (None, value)},
+                               timeout=30)
+        assert answer.status_code == 400, answer.text
+        assert "must be an uploaded file, not a text value" in answer.json()["error"]
+        urlencoded = requests.post(f"{bento['url']}{route}", data={field: value}, timeout=30)
+        assert urlencoded.status_code == 415, urlencoded.text
+
+
+def test_a_file_name_of_any_length_is_accepted(bento):
+    for name in ("x" * 300 + ".jpeg", "../../etc/passwd", "ü" * 200, ""):
+        answer = requests.post(f"{bento['url']}/classify", timeout=30,
+                               files={"image": (name, XRAY.read_bytes(), "image/jpeg")})
+        assert answer.status_code == 200, (name[:20], answer.text)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF", "WEBP"])
+def test_formats_other_than_png_jpeg_and_dicom_get_415(bento, fmt):
+    buffer = io.BytesIO()
+    Image.open(XRAY).convert("L").save(buffer, format=fmt)
+    answer = classify(bento, buffer.getvalue(), "image/x-anything")
+    assert answer.status_code == 415, answer.text
+    assert f"{fmt} images are not accepted" in answer.json()["error"]
+
+
+def test_thin_and_tiny_images_are_refused_by_the_size_rule(bento):
+    from pneumoclip.classifier import MIN_SIDE
+
+    thin = png(Image.new("L", (2_000_000, 2)))  # a few KB; scaled up it would be gigabytes
+    assert len(thin) < 20_000
+    for data in (thin, png(Image.new("L", (MIN_SIDE - 1, MIN_SIDE - 1)))):
+        answer = classify(bento, data)
+        assert answer.status_code == 400, answer.text
+        assert "the short side must be at least" in answer.json()["error"]
+    assert bento["proc"].poll() is None
+
+
+def test_exif_orientation_is_applied(bento):
+    upright = Image.open(XRAY).convert("L").crop((0, 0, 224, 160))  # not square
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the stored pixels are rotated; a viewer turns them 90° clockwise
+    upright.rotate(90, expand=True).save(buffer, format="JPEG", quality=95, exif=exif)
+    plain = io.BytesIO()
+    upright.save(plain, format="JPEG", quality=95)
+    tagged = classify(bento, buffer.getvalue(), "image/jpeg").json()
+    straight = classify(bento, plain.getvalue(), "image/jpeg").json()
+    for c, p in straight["probabilities"].items():
+        assert tagged["probabilities"][c] == pytest.approx(p, abs=0.02), c
+
+
+def test_a_dicom_gets_the_answer_of_the_same_image_as_png(bento):
+    from conftest import dicom_bytes
+
+    gray = Image.open(XRAY).convert("L")
+    as_png = classify(bento, png(gray)).json()
+    for kind in ({}, {"photometric": "MONOCHROME1"}, {"bits": 16}):
+        data = dicom_bytes(gray, **kind)
+        for content_type in ("application/dicom", "application/octet-stream"):
+            answer = classify(bento, data, content_type)
+            assert answer.status_code == 200, (kind, answer.text)
+            for c, p in as_png["probabilities"].items():
+                assert answer.json()["probabilities"][c] == pytest.approx(p, abs=1e-4), kind
+    batch = requests.post(f"{bento['url']}/classify_batch", timeout=60, files=[
+        ("images", ("a.dcm", dicom_bytes(gray), "application/dicom")),
+        ("images", ("b.png", png(gray), "image/png"))])
+    assert batch.status_code == 200, batch.text
+    assert batch.json()[0]["label"] == batch.json()[1]["label"] == as_png["label"]
+
+
+def test_unreadable_dicoms_are_refused_with_a_reason(bento):
+    from conftest import dicom_bytes
+    from pydicom import dcmread
+
+    gray = Image.open(XRAY).convert("L")
+    jpeg_ls = dicom_bytes(gray, compress="1.2.840.10008.1.2.4.80")
+    answer = classify(bento, jpeg_ls, "application/dicom")
+    assert answer.status_code == 415, answer.text
+    assert "1.2.840.10008.1.2.4.80" in answer.json()["error"]
+    ds = dcmread(io.BytesIO(dicom_bytes(gray)))
+    del ds.PixelData
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    answer = classify(bento, buffer.getvalue(), "application/dicom")
+    assert answer.status_code == 400, answer.text
+    assert "DICOM has no pixel data" in answer.json()["error"]
+    batch = requests.post(f"{bento['url']}/classify_batch", timeout=60, files=[
+        ("images", ("a.png", png(gray), "image/png")),
+        ("images", ("b.dcm", buffer.getvalue(), "application/dicom"))])
+    assert batch.status_code == 400
+    assert batch.json()["error"].startswith("image 2 of 2: DICOM has no pixel data")
+
+
+def test_metrics_show_the_micro_batch_sizes_and_the_refusals(bento):
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = XRAY.read_bytes()
+    with ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: classify(bento, data, "image/jpeg").status_code,
+                              range(64)))
+    assert codes == [200] * 64
+    classify(bento, b"GIF89a" + b"\0" * 64, "image/gif")
+    metrics = requests.get(f"{bento['url']}/metrics", timeout=30).text
+    counts = {line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines()
+              if line.startswith("pneumoclip_batch_size_")}
+    assert counts['pneumoclip_batch_size_count'] >= 64 / SETTINGS.max_batch_size
+    # the batches hold the 64 images and more (earlier tests), at most max_batch_size each
+    assert counts["pneumoclip_batch_size_sum"] >= 64
+    assert any(line.startswith("pneumoclip_refused_total") for line in metrics.splitlines())
+
+
+def test_a_burst_of_large_uploads_gets_503s_not_an_oom_and_memory_stays_bounded(bento):
+    """64 concurrent uploads of 8.7 MB each (RGB noise, within every per-file limit) against
+    2 workers: past serve.max_in_flight_bytes per worker the answer is 503 with Retry-After.
+    The server's memory (all its processes) stays within its resting size plus, per worker,
+    the admitted bodies and `decode_threads` decoded images (60 MB each at most)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    rng = np.random.default_rng(0)
+    big = png(Image.fromarray(rng.integers(0, 256, (1700, 1700, 3), dtype=np.uint8)))
+    assert 8_000_000 < len(big) < SETTINGS.max_bytes
+    server = psutil.Process(bento["proc"].pid)
+
+    def rss() -> int:
+        total = 0
+        for proc in [server, *server.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    resting, peak, done = rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            done.wait(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            answers = list(pool.map(lambda _: requests.post(
+                f"{bento['url']}/classify", files={"image": ("big.png", big, "image/png")},
+                timeout=300), range(64)))
+    finally:
+        done.set()
+        watcher.join()
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 503}, codes
+    assert 200 in codes and 503 in codes, codes
+    assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 503)
+    bound = SETTINGS.workers * (SETTINGS.max_in_flight_bytes + SETTINGS.decode_threads * 60e6)
+    print(f"burst: {codes.count(200)} answered, {codes.count(503)} told to retry; server "
+          f"{resting / 1e6:,.0f} MB at rest, {peak[0] / 1e6:,.0f} MB at peak (bound "
+          f"{(resting + bound) / 1e6:,.0f} MB)")
+    assert peak[0] <= resting + bound
+    assert classify(bento, XRAY.read_bytes(), "image/jpeg").status_code == 200
 
 
 def test_bento_build_without_a_champion_fails_naming_the_alias(trained, tmp_path):
@@ -154,7 +327,7 @@ def test_service_start_up_without_the_model_fails_fast_naming_the_alias(tmp_path
     finally:
         proc.kill()
     log = (tmp_path / "serve.log").read_text()
-    assert "no 'pneumoclip-classifier' in the BentoML model store" in log
+    assert "no 'pneumoclip-classifier' model" in log
     assert "models:/pneumoclip-classifier@champion" in log
 
 
@@ -237,3 +410,25 @@ def test_the_probe_paths_of_the_kubernetes_manifest_answer(bento):
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         path = container[probe]["httpGet"]["path"]
         assert requests.get(f"{bento['url']}{path}", timeout=10).status_code == 200, probe
+
+
+def test_the_bento_serves_the_pinned_champion_not_the_stores_latest(bento):
+    info = json.loads(subprocess.run(
+        [str(BIN / "bentoml"), "get", "pneumoclip:latest", "-o", "json"], env=bento["env"],
+        capture_output=True, text=True, check=True).stdout)
+    folder = built_bento(bento, f"{info['name']}:{info['version']}")
+    pinned = json.loads((folder / "src/deploy/champion.json").read_text())
+    assert pinned["mlflow_version"] == str(bento["registry"]["champion_version"])
+    assert pinned["bento_model"] in {m["tag"] for m in info["models"]}
+    # a newer import of the model (the store's latest now) does not change what is served
+    script = ("import sys, bentoml; from pathlib import Path; "
+              "from pneumoclip.config import load_section; "
+              "from pneumoclip.serving import champion_model, import_champion; "
+              f"s = load_section('serve', {str(ROOT / 'params.yaml')!r}); "
+              "newer = import_champion(s); "
+              "print(newer.tag, champion_model(s, Path(sys.argv[1])).tag)")
+    out = subprocess.run([sys.executable, "-c", script, str(folder / "src")], env=bento["env"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    newer, served = out.stdout.split()[-2:]
+    assert newer != pinned["bento_model"] and served == pinned["bento_model"]

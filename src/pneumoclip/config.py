@@ -259,6 +259,8 @@ class ServeParams:
     max_request_bytes: int  # per request body (413 past it)
     max_batch_images: int  # per /classify_batch request
     max_batch_size: int  # in-process batching: images per forward pass at most
+    max_in_flight_bytes: int  # request bodies admitted per worker at once; past it 503
+    decode_threads: int  # per worker: images decoded at once (bounds the decoding memory)
     workers: int  # server processes, each with its own model and batcher
     torch_threads: int  # per worker; 0 leaves torch's default (all cores)
 

@@ -133,7 +133,11 @@ def log_dataset(mlflow, rows: list[dict], name: str, digest: str, context: str) 
 
 
 def run_tags(stage: str, variant: str | None = None) -> dict[str, str]:
-    tags = {"git_commit": git_commit(), "dvc_stage": stage, "data_dvc_md5": dvc_hash()}
+    import getpass
+
+    tags = {"git_commit": git_commit(), "dvc_stage": stage, "data_dvc_md5": dvc_hash(),
+            # the machine's login, not MLflow's default of the tracking server's user name
+            "mlflow.user": getpass.getuser()}
     if variant:
         tags["variant"] = variant
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`: the same name in both UIs
