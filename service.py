@@ -1,14 +1,15 @@
-"""The Bento: serves the classifier that `models:/pneumoclip-classifier@champion` points to.
+"""The Bento: serves the classifier that `models:/pneumoclip-classifier@champion` pointed to
+when `pneumoclip bento build` pinned it (deploy/champion.json).
 
-One BentoML service, `Pneumoclip`: it checks and decodes uploads, answers 4xx with a reason
-for anything it cannot read, and runs only the image tower (the class text embeddings are
-computed once at start-up). Concurrent requests share forward passes through an in-process
-micro-batcher: while one pass runs, new requests queue, and the next pass takes them all.
-(BentoML's adaptive batching needs a second service and an HTTP hop per request; on the
-tiny model that hop cost 3x the forward pass. docs/serving.md has both.)
-
-`pneumoclip bento build` imports the champion into the BentoML model store (labels keep the
-MLflow name and version) and builds this Bento.
+One BentoML service, `Pneumoclip`. The upload routes are answered by
+`serving.UploadRoutes` before BentoML's own multipart handling: it reads only uploaded
+files, each body once, admits requests by bytes in flight (503 + Retry-After past
+`serve.max_in_flight_bytes`), and answers 4xx with a reason for anything it cannot read.
+Decoding runs in `serve.decode_threads` threads; the model runs only the image tower (the
+class text embeddings are computed once at start-up), and concurrent requests share forward
+passes through an in-process micro-batcher. (BentoML's adaptive batching needs a second
+service and an HTTP hop per request; on the tiny model that hop cost 3x the forward pass.
+docs/serving.md has both.)
 """
 
 from __future__ import annotations
