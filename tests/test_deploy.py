@@ -98,9 +98,22 @@ def test_the_kubernetes_deployment_probes_and_sizes_the_bento():
     request = mebibytes(container["resources"]["requests"]["memory"])
     limit = mebibytes(container["resources"]["limits"]["memory"])
     assert peak_mb * 1.1 <= request < limit
+    # the limit also holds a burst: per worker the admitted bodies, one file being joined and
+    # the images being decoded, as tests/test_serving.py's burst test bounds them
+    serve = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
+    assert peak_mb + burst_bound(serve) / 2**20 <= limit
     # one CPU per serve worker (each runs one torch thread)
-    workers = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]["workers"]
+    workers = serve["workers"]
     assert float(container["resources"]["requests"]["cpu"]) == workers
+
+
+def burst_bound(serve: dict) -> float:
+    """Bytes a burst of uploads may add to a server at rest: per worker the admitted bodies
+    (serve.max_in_flight_bytes), one more file while a part's bytes are joined, and
+    `decode_threads` images being decoded (80 MB each at most, at 4,000,000 pixels; measured
+    in the burst test), with 10% for the allocator."""
+    return 1.1 * serve["workers"] * (serve["max_in_flight_bytes"] + serve["max_bytes"]
+                                     + serve["decode_threads"] * 80e6)
 
 
 def mebibytes(quantity: str) -> float:

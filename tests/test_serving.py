@@ -3,6 +3,7 @@ with the champion registered in the session's real MLflow server."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -260,10 +261,8 @@ def test_metrics_show_the_micro_batch_sizes_and_the_refusals(bento):
 def test_a_burst_of_large_uploads_gets_503s_not_an_oom_and_memory_stays_bounded(bento):
     """128 concurrent uploads of 8.7 MB each (RGB noise, within every per-file limit; 1.1 GB
     in all) against 2 workers: past serve.max_in_flight_bytes per worker the answer is 503
-    with Retry-After. The server's memory (all its processes) stays within its resting size
-    plus, per worker, the admitted bodies, one more file (a part's bytes are joined at its
-    end) and `decode_threads` images being decoded (80 MB each at most, at 4,000,000 pixels),
-    with 10% for the allocator."""
+    with Retry-After, and the server's memory (all its processes) stays within its resting
+    size plus test_deploy.burst_bound (which the Kubernetes memory limit also covers)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -304,8 +303,7 @@ def test_a_burst_of_large_uploads_gets_503s_not_an_oom_and_memory_stays_bounded(
     assert set(codes) <= {200, 503}, codes
     assert 200 in codes and 503 in codes, codes
     assert all(a.headers["retry-after"] == "1" for a in answers if a.status_code == 503)
-    bound = 1.1 * SETTINGS.workers * (SETTINGS.max_in_flight_bytes + SETTINGS.max_bytes
-                                      + SETTINGS.decode_threads * 80e6)
+    bound = test_deploy.burst_bound(dataclasses.asdict(SETTINGS))
     print(f"burst: {codes.count(200)} answered, {codes.count(503)} told to retry; server "
           f"{resting / 1e6:,.0f} MB at rest, {peak[0] / 1e6:,.0f} MB at peak (bound "
           f"{(resting + bound) / 1e6:,.0f} MB)")
