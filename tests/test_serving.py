@@ -448,3 +448,47 @@ def test_the_documented_bentoml_endpoints_answer(bento):
     docs = (ROOT / "docs/serving.md").read_text()
     for path in ("/docs.json", "/livez", "/readyz", "/metrics", "pneumoclip_batch_size"):
         assert f"`GET {path}`" in docs or f"`{path}`" in docs, path
+
+
+def test_decoding_runs_off_the_event_loop(bento, tmp_path):
+    """One worker decodes a batch of ten 4,000,000-pixel PNGs while /livez is polled: the
+    event loop keeps answering. (Decoding inside the async handler blocked it for the whole
+    batch, so the polls stopped for about as long as the batch took.)"""
+    import threading
+    import time
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["serve"]["workers"] = 1  # so the polls and the batch meet in the same process
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    env = dict(bento["env"], PNEUMOCLIP_PARAMS=str(params))
+    proc, url = start_server("pneumoclip:latest", env, tmp_path / "serve.log")
+    try:
+        wait_http(f"{url}/readyz", 180, proc)
+        rng = np.random.default_rng(1)
+        big = png(Image.fromarray(rng.integers(0, 256, (2000, 2000), dtype=np.uint8)))
+        files = [("images", (f"{i}.png", big, "image/png")) for i in range(10)]
+        answered, done = [], threading.Event()
+
+        def poll():
+            with requests.Session() as session:
+                while not done.is_set():
+                    session.get(f"{url}/livez", timeout=30)
+                    answered.append(time.monotonic())
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        started = time.monotonic()
+        batch = requests.post(f"{url}/classify_batch", files=files, timeout=300)
+        took = time.monotonic() - started
+        done.set()
+        poller.join()
+        assert batch.status_code == 200, batch.text
+        during = [started, *(t for t in answered if started < t < started + took),
+                  started + took]
+        longest = max(b - a for a, b in zip(during, during[1:], strict=False))
+        print(f"batch of 10 in {took:.2f} s; {len(during) - 2} /livez answers meanwhile, "
+              f"the longest gap {longest:.3f} s")
+        assert longest < took / 2, (longest, took, len(during))
+    finally:
+        stop(proc, 30)
