@@ -376,12 +376,17 @@ def built_bento(bento, tag: str) -> Path:
     return bento["home"] / "bentos" / name / version
 
 
-def test_the_built_bento_has_a_dockerfile_with_every_package_pinned(bento):
-    """What `bentoml containerize` would build (it needs a Docker daemon, absent here)."""
+def latest_bento(bento) -> tuple[dict, Path]:
+    """`bentoml get pneumoclip:latest` (as JSON) and its folder in the store."""
     info = json.loads(subprocess.run(
         [str(BIN / "bentoml"), "get", "pneumoclip:latest", "-o", "json"], env=bento["env"],
         capture_output=True, text=True, check=True).stdout)
-    folder = built_bento(bento, f"{info['name']}:{info['version']}")
+    return info, built_bento(bento, f"{info['name']}:{info['version']}")
+
+
+def test_the_built_bento_has_a_dockerfile_with_every_package_pinned(bento):
+    """What `bentoml containerize` would build (it needs a Docker daemon, absent here)."""
+    info, folder = latest_bento(bento)
     dockerfile = (folder / "env/docker/Dockerfile").read_text()
     assert "FROM python:3.11-slim" in dockerfile
     assert f"EXPOSE {test_deploy.BENTO_PORT}" in dockerfile
@@ -417,10 +422,7 @@ def test_the_probe_paths_of_the_kubernetes_manifest_answer(bento):
 
 
 def test_the_bento_serves_the_pinned_champion_not_the_stores_latest(bento):
-    info = json.loads(subprocess.run(
-        [str(BIN / "bentoml"), "get", "pneumoclip:latest", "-o", "json"], env=bento["env"],
-        capture_output=True, text=True, check=True).stdout)
-    folder = built_bento(bento, f"{info['name']}:{info['version']}")
+    info, folder = latest_bento(bento)
     pinned = json.loads((folder / "src/deploy/champion.json").read_text())
     assert pinned["mlflow_version"] == str(bento["registry"]["champion_version"])
     packed = {m["tag"] for service in info["services"] for m in service["models"]}
