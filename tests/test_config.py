@@ -120,3 +120,176 @@ def test_help_lists_the_stages():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name in stages:
         assert name.replace("_", "-") in result.output
+
+
+# ---------------------------------------------------------------- profiles
+
+HUB_ID_SD = "stabilityai/stable-diffusion-2-1-base"
+
+
+def test_the_hub_profile_switches_base_and_sizes_together(tmp_path):
+    """`dvc exp run -S profile=hub` rewrites one line; every section then loads the hub
+    settings merged over its own, key by key."""
+    text = PARAMS.read_text()
+    assert text.count("\nprofile: tiny\n") == 1
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("\nprofile: tiny\n", "\nprofile: hub\n"))
+    base = load_section("base_models", path)
+    assert (base.clip.source, base.sd.source) == ("openai/clip-vit-base-patch16", HUB_ID_SD)
+    sd = load_section("sd_lora", path)
+    tiny_sd = load_section("sd_lora", PARAMS)
+    assert (sd.resolution, sd.mixed_precision, sd.lr, sd.domain.enabled) == (
+        512, "bf16", 1e-4, False)
+    # a nested override merges: the rest of `domain` and of the section is the tiny one's
+    assert sd.domain.vae_steps == tiny_sd.domain.vae_steps
+    assert sd.captions == tiny_sd.captions and sd.lora == tiny_sd.lora
+    clip = load_section("train_clip", path)
+    assert clip.lora.modules_to_save == ["visual_projection"]
+    assert clip.lora.target_modules == r".*vision_model.*\.(q_proj|k_proj|v_proj|out_proj)"
+    assert (clip.mixed_precision, clip.lr) == ("bf16", 1e-4)
+    assert clip.prompts == load_section("train_clip", PARAMS).prompts
+    assert load_section("synthesize", path).batch_size < load_section(
+        "synthesize", PARAMS).batch_size
+    # the default stays the tiny one, with no overrides at all
+    raw = yaml.safe_load(text)
+    assert raw["profile"] == "tiny" and raw["profiles"]["tiny"] == {}
+    assert load_section("base_models", PARAMS).sd.source == "tiny"
+
+
+def leaves(tree: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in tree.items():
+        if isinstance(value, dict) and key not in ("clip", "sd"):
+            out |= leaves(value, f"{prefix}{key}.")
+        else:
+            out.add(f"{prefix}{key}")
+    return out
+
+
+def test_tiny_and_hub_profiles_differ_only_in_the_base_and_the_sizes():
+    """The recipe (prompts, captions, seeds, guidance, LoRA rank, loss weighting) is one; a
+    profile picks the base, what a pretrained base needs instead of a random one, and sizes."""
+    hub = yaml.safe_load(PARAMS.read_text())["profiles"]["hub"]
+    allowed = {
+        "base_models.clip", "base_models.sd",
+        "train_clip.epochs", "train_clip.patience", "train_clip.batch_size", "train_clip.lr",
+        "train_clip.mixed_precision", "train_clip.lora.target_modules",
+        "train_clip.lora.modules_to_save",
+        "sd_lora.resolution", "sd_lora.batch_size", "sd_lora.mixed_precision", "sd_lora.lr",
+        "sd_lora.steps", "sd_lora.warmup_steps", "sd_lora.checkpoint_every",
+        "sd_lora.sample_every", "sd_lora.domain.enabled",
+        "synthesize.batch_size",
+    }
+    assert leaves(hub) <= allowed, leaves(hub) - allowed
+
+
+def write_profile(tmp_path: Path, profile: str, edit=lambda r: None) -> Path:
+    def both(raw):
+        raw["profile"] = profile
+        edit(raw)
+
+    return write_params(tmp_path, both)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda r: r.update(profile="gpu"),
+         "unknown profile 'gpu' in key profile (known in profiles: "),
+        (lambda r: r["profiles"]["hub"]["sd_lora"].update(stepz=3),
+         "unknown key profiles.hub.sd_lora.stepz"),
+        (lambda r: r["profiles"]["hub"]["sd_lora"]["domain"].update(enabld=False),
+         "unknown key profiles.hub.sd_lora.domain.enabld"),
+        (lambda r: r["profiles"]["hub"].update(sdlora={}), "unknown section profiles.hub.sdlora"),
+        (lambda r: r["profiles"]["hub"]["sd_lora"].update(steps="many"),
+         "profiles.hub.sd_lora.steps must be int, got str 'many'"),
+        (lambda r: r["profiles"]["hub"]["sd_lora"].update(base_dir="elsewhere"),
+         "profiles.hub.sd_lora.base_dir: a profile cannot move a path"),
+        (lambda r: r["profiles"]["hub"].update(variants={}), "profiles.hub.variants: dvc.yaml"),
+        (lambda r: r.pop("profile"), "missing key profile"),
+    ],
+)
+def test_bad_profiles_fail_naming_the_key(tmp_path, edit, message):
+    path = write_profile(tmp_path, "hub", edit)
+    with pytest.raises(ParamsError) as err:
+        load_section("prepare", path)  # any stage: the switch is read by every one
+    assert message in str(err.value)
+
+
+def test_a_typo_in_the_profile_not_chosen_fails_too(tmp_path):
+    path = write_profile(tmp_path, "tiny",
+                         lambda r: r["profiles"]["hub"]["train_clip"].update(epoch=3))
+    with pytest.raises(ParamsError, match=r"unknown key profiles\.hub\.train_clip\.epoch"):
+        load_section("train_clip", path)
+
+
+def hub_sd(r):
+    r["base_models"]["sd"]["source"] = HUB_ID_SD
+
+
+def hub_clip(r):
+    r["base_models"]["clip"]["source"] = "openai/clip-vit-base-patch16"
+
+
+@pytest.mark.parametrize(
+    ("profile", "edit", "keys"),
+    [
+        # the tiny profile with only the SD id changed, as the old docs said to do
+        ("tiny", hub_sd, ["sd_lora.domain.enabled is true",
+                          f"base_models.sd.source is '{HUB_ID_SD}'"]),
+        ("hub", lambda r: r["profiles"]["hub"]["sd_lora"]["domain"].update(enabled=True),
+         ["sd_lora.domain.enabled is true", "base_models.sd.source", "(profile: hub)"]),
+        # a local folder is a pretrained base too
+        ("tiny", lambda r: (r["base_models"]["sd"].update(source="/bases/sd"),
+                            r["sd_lora"]["domain"].update(enabled=True)),
+         ["sd_lora.domain.enabled", "base_models.sd.source is '/bases/sd'"]),
+        ("tiny", hub_clip, ["train_clip.lora.modules_to_save trains patch_embedding, "
+                            "position_embedding, pre_layrnorm",
+                            "base_models.clip.source is 'openai/clip-vit-base-patch16'"]),
+        ("hub", lambda r: r["profiles"]["hub"]["train_clip"]["lora"].update(
+            modules_to_save=["pre_layrnorm", "visual_projection"]),
+         ["train_clip.lora.modules_to_save trains pre_layrnorm fully"]),
+        ("tiny", lambda r: r["sd_lora"].update(resolution=512),
+         ["sd_lora.resolution is 512 but base_models.tiny_sd.resolution is 64"]),
+        ("hub", lambda r: r["profiles"]["hub"]["base_models"]["sd"].update(source="tiny"),
+         ["sd_lora.resolution is 512 but base_models.tiny_sd.resolution is 64"]),
+        ("hub", lambda r: r["profiles"]["hub"]["sd_lora"].update(mixed_precision="fp8"),
+         ["sd_lora.mixed_precision is 'fp8'"]),
+    ],
+)
+def test_an_inconsistent_mix_fails_at_once_naming_the_keys(tmp_path, profile, edit, keys):
+    path = write_profile(tmp_path, profile, edit)
+    for section in ("base_models", "prepare", "sd_lora"):  # whichever stage runs first
+        with pytest.raises(ParamsError) as err:
+            load_section(section, path)
+        for key in keys:
+            assert key in str(err.value)
+    # the stage command stops before any work: nothing is built
+    out = tmp_path / "models"
+    path.write_text(path.read_text().replace("out_dir: models/base", f"out_dir: {out}"))
+    result = CliRunner().invoke(main, ["base-models", "--params", str(path)])
+    assert result.exit_code == 1 and keys[0] in result.output
+    assert not out.exists()
+
+
+def test_both_shipped_profiles_are_consistent(tmp_path):
+    for profile in ("tiny", "hub"):
+        path = write_profile(tmp_path, profile)
+        for section in SECTIONS:
+            load_section(section, path)
+
+
+def test_write_relocated_switches_and_merges_profiles(tmp_path):
+    path = write_relocated(tmp_path, PARAMS, profile="hub",
+                           profiles={"hub": {"sd_lora": {"steps": 3, "domain": {"vae_steps": 2}},
+                                             "prepare": {"seed": 5}}},
+                           sd_lora={"steps": 7})
+    raw = yaml.safe_load(path.read_text())
+    assert raw["profile"] == "hub"
+    hub = raw["profiles"]["hub"]
+    assert hub["sd_lora"]["resolution"] == 512  # merged into, not replaced
+    assert hub["sd_lora"]["domain"] == {"enabled": False, "vae_steps": 2}
+    sd = load_section("sd_lora", path)
+    assert sd.steps == 3  # the profile's value wins over the section's
+    assert sd.base_dir == str(tmp_path / "models/base/sd")  # relocated
+    assert load_section("prepare", path).seed == 5

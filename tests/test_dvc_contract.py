@@ -14,6 +14,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
+from pneumoclip.config import TOP_LEVEL, relocate
+
 PKG = ROOT / "src/pneumoclip"
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -59,11 +61,23 @@ def test_each_stage_depends_on_exactly_its_import_closure(stage):
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_each_stage_declares_exactly_the_params_it_reads(stage):
+    """Its section, and the profile switch: `config.load_section` merges the chosen
+    profile's overrides over every section, so each stage reads `profile` and `profiles`."""
     spec = STAGES[stage].get("do", STAGES[stage])
     expected = [stage]
     if stage == "train_clip":  # the shared settings, and its own variant's entry only
         expected = ["train_clip", "variants.${key}"]
-    assert spec["params"] == expected
+    assert spec["params"] == expected + list(TOP_LEVEL)
+
+
+def test_a_profile_overrides_no_value_that_dvc_yaml_reads_itself():
+    """dvc.yaml templates paths (`${sd_lora.base_dir}`) and the variants from the sections'
+    own values, not the merged ones: a profile that changed them would desync the DAG."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, overrides in params["profiles"].items():
+        assert "variants" not in (overrides or {}), name
+        moved = relocate(overrides or {}, "/elsewhere")
+        assert moved == (overrides or {}), name  # no path() field is overridden
 
 
 def test_variant_stages_and_register_follow_the_variants_section():

@@ -4,6 +4,11 @@ params.yaml is the one source of every value: the dataclasses have no defaults. 
 keys, missing keys and values of the wrong type fail with a message that names the key, so
 a typo in params.yaml never silently falls back to a default. Fields made with `path()` hold
 project-relative paths, which `relocate` moves under a work folder (tests, benchmarks).
+
+Profiles: the top-level `profile` names an entry of `profiles`, whose per-section overrides
+are merged over the sections before they are typed (`profile: hub` switches the bases, sizes,
+LoRA targets and mixed precision together). Every load then checks the mix for combinations
+that cannot work together (`check_consistency`), so a stage fails before doing any work.
 """
 
 from __future__ import annotations
@@ -283,25 +288,156 @@ SECTIONS: dict[str, Any] = {
 
 
 def load_section(section: str, path: str | Path = DEFAULT_PARAMS) -> Any:
-    """Read one stage's section of params.yaml into its dataclass.
+    """Read one stage's section of params.yaml, with the chosen profile applied, into its
+    dataclass.
 
-    Only that section is parsed, so a stage never depends on another stage's settings; the
-    top-level names are still checked, so a misspelt section name is caught too.
+    A stage's outputs depend only on its own section (and the profile's overrides of it);
+    the top-level names are checked too, so a misspelt section name is caught, and so is a
+    mix of settings that cannot work together (`check_consistency`), in every stage.
     """
     if section not in SECTIONS:
         raise ParamsError(f"unknown params section {section!r} (known: {', '.join(SECTIONS)})")
+    raw = load_params(path)
+    return _convert(SECTIONS[section], raw.get(section) or {}, section)
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS) -> dict:
+    """params.yaml as plain data, the profile's overrides merged in and the mix checked."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params")
     raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    unknown = sorted(set(raw) - set(SECTIONS))
+    unknown = sorted(set(raw) - set(SECTIONS) - set(TOP_LEVEL))
     if unknown:
         raise ParamsError(
-            f"{path}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)})"
+            f"{path}: unknown section {unknown[0]!r} (known: {', '.join(SECTIONS)}, "
+            f"{', '.join(TOP_LEVEL)})"
         )
-    return _convert(SECTIONS[section], raw.get(section) or {}, section)
+    merged = apply_profile(raw)
+    check_consistency(merged)
+    return merged
+
+
+# ---------------------------------------------------------------- profiles
+
+TOP_LEVEL = ("profile", "profiles")  # the settings of profiles themselves, not a stage's
+NOT_IN_PROFILES = {"variants": "dvc.yaml's foreach reads the variants section itself; "
+                               "edit it there"}
+
+
+def apply_profile(raw: dict) -> dict:
+    """`raw` with `profiles[profile]`'s per-section overrides deep-merged over the sections.
+
+    Nested settings merge key by key; a value that is itself a mapping (prompts, counts,
+    variants) is replaced whole, as in `write_relocated`. A file without `profile` has no
+    overrides. An unknown profile, section or key fails naming it.
+    """
+    if "profile" not in raw:
+        if raw.get("profiles"):
+            raise ParamsError("missing key profile (params.yaml has profiles: name one)")
+        return raw
+    name = raw["profile"]
+    profiles = raw.get("profiles")
+    if not isinstance(profiles, dict):
+        raise ParamsError(f"profiles must be a mapping of profile names, got {_show(profiles)}")
+    if not isinstance(name, str) or name not in profiles:
+        raise ParamsError(
+            f"unknown profile {name!r} in key profile (known in profiles: {', '.join(profiles)})"
+        )
+    for other, overrides in profiles.items():  # a typo in any profile fails, chosen or not
+        _check_profile(overrides, f"profiles.{other}")
+    merged = dict(raw)
+    for section, values in (profiles[name] or {}).items():
+        merged[section] = _merge(SECTIONS[section], raw.get(section) or {}, values)
+    return merged
+
+
+def _check_profile(overrides: Any, where: str) -> None:
+    if overrides is None:
+        return
+    if not isinstance(overrides, dict):
+        raise ParamsError(f"{where} must be a mapping of sections, got {_show(overrides)}")
+    for section, values in overrides.items():
+        if section not in SECTIONS:
+            raise ParamsError(
+                f"unknown section {where}.{section} (known: {', '.join(SECTIONS)})")
+        if section in NOT_IN_PROFILES:
+            raise ParamsError(f"{where}.{section}: {NOT_IN_PROFILES[section]}")
+        _check_override(SECTIONS[section], values, f"{where}.{section}")
+
+
+def _check_override(tp: Any, value: Any, where: str) -> None:
+    """Every key of an override names a field, and every whole value has the field's type."""
+    if not dataclasses.is_dataclass(tp):
+        _convert(tp, value, where)
+        return
+    if not isinstance(value, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {_show(value)}")
+    fields = {f.name: f for f in dataclasses.fields(tp)}
+    hints = typing.get_type_hints(tp)
+    for key, item in value.items():
+        if key not in fields:
+            raise ParamsError(f"unknown key {where}.{key} (known in {where}: {', '.join(fields)})")
+        if fields[key].metadata.get("path"):
+            raise ParamsError(f"{where}.{key}: a profile cannot move a path (dvc.yaml's deps "
+                              "and outs are written from the section's own value)")
+        if dataclasses.is_dataclass(hints[key]) and not isinstance(item, dict):
+            raise ParamsError(f"{where}.{key}: expected a mapping, got {_show(item)}")
+        _check_override(hints[key], item, f"{where}.{key}")
+
+
+# ---------------------------------------------------------------- consistency
+
+TINY = "tiny"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# The tiny CLIP is random-init, so its stem must be trained fully; a pretrained tower's stem
+# is what LoRA builds on, and replacing it with a fully trained copy throws that away.
+RANDOM_STEM = ("patch_embedding", "position_embedding", "pre_layrnorm")
+
+
+def check_consistency(raw: dict) -> None:
+    """Refuse settings that cannot work together, naming the keys (and the way out).
+
+    Checked on the merged params at every load, so `pneumoclip STAGE` and `dvc repro` stop
+    before any work. It reads across sections only to refuse a mix; no stage's output
+    depends on another section's values through it.
+    """
+    problems = []
+    profile = f" (profile: {raw['profile']})" if "profile" in raw else ""
+    base = raw.get("base_models") or {}
+    sd_source = (base.get("sd") or {}).get("source")
+    clip_source = (base.get("clip") or {}).get("source")
+    sd = raw.get("sd_lora") or {}
+    clip = raw.get("train_clip") or {}
+    domain = (sd.get("domain") or {}).get("enabled")
+    if domain is True and sd_source not in (None, TINY):
+        problems.append(
+            f"sd_lora.domain.enabled is true but base_models.sd.source is {sd_source!r}: "
+            "domain pretraining is for the random-init tiny base only and would overwrite a "
+            "pretrained UNet and VAE; set sd_lora.domain.enabled: false (profile: hub does)")
+    saved = (clip.get("lora") or {}).get("modules_to_save") or []
+    stem = [m for m in saved if isinstance(m, str) and m.split(".")[-1] in RANDOM_STEM]
+    if stem and clip_source not in (None, TINY):
+        problems.append(
+            f"train_clip.lora.modules_to_save trains {', '.join(stem)} fully, which only the "
+            f"random-init tiny CLIP needs, but base_models.clip.source is {clip_source!r}: "
+            "drop them (profile: hub saves visual_projection only)")
+    tiny_res = (base.get("tiny_sd") or {}).get("resolution")
+    res = sd.get("resolution")
+    if sd_source == TINY and None not in (res, tiny_res) and res != tiny_res:
+        problems.append(
+            f"sd_lora.resolution is {res} but base_models.tiny_sd.resolution is {tiny_res} "
+            "and base_models.sd.source is 'tiny': the tiny base is built for its own "
+            "resolution; make them equal")
+    for section in ("train_clip", "sd_lora"):
+        mp = (raw.get(section) or {}).get("mixed_precision")
+        if mp is not None and mp not in MIXED_PRECISION:
+            problems.append(f"{section}.mixed_precision is {mp!r}: one of "
+                            f"{', '.join(MIXED_PRECISION)}")
+    if problems:
+        raise ParamsError(f"inconsistent params{profile}: " + "; ".join(problems))
 
 
 def read_yaml(path: str | Path) -> Any:
@@ -377,7 +513,7 @@ def relocate(raw: dict, root: str | Path) -> dict:
     """A copy of a params mapping whose relative `path()` values lie under `root`.
 
     Tests and benchmarks run the stages on their own copy of the project this way; the
-    stages themselves only ever see the paths they are given.
+    stages themselves only ever see the paths they are given. (Profiles hold no paths.)
     """
     return {name: _relocate(SECTIONS[name], value, Path(root)) if name in SECTIONS else value
             for name, value in raw.items()}
@@ -402,13 +538,26 @@ def _relocate(tp: Any, value: Any, root: Path) -> Any:
 
 
 def write_relocated(root: str | Path, source: str | Path = DEFAULT_PARAMS,
-                    **overrides: dict) -> Path:
+                    **overrides: Any) -> Path:
     """`root/params.yaml`: `source` relocated under `root`, with per-section key overrides
     (`train_clip={"epochs": 2}`). Nested settings sections merge key by key; a value that is
-    itself a mapping (prompts, counts, contrast) is replaced whole. Returns its path."""
+    itself a mapping (prompts, counts, contrast) is replaced whole. `profile="hub"` switches
+    the profile; `profiles={"hub": {"sd_lora": {"steps": 2}}}` merges into a profile's
+    overrides the same way. Returns its path."""
     raw = relocate(read_yaml(source), root)
     for section, values in overrides.items():
-        raw[section] = _merge(SECTIONS[section], raw.get(section) or {}, values)
+        if section == "profile":
+            raw["profile"] = values
+        elif section == "profiles":
+            profiles = dict(raw.get("profiles") or {})
+            for name, sections in values.items():
+                merged = dict(profiles.get(name) or {})
+                for s, v in sections.items():
+                    merged[s] = _merge(SECTIONS[s], merged.get(s) or {}, v)
+                profiles[name] = merged
+            raw["profiles"] = profiles
+        else:
+            raw[section] = _merge(SECTIONS[section], raw.get(section) or {}, values)
     out = Path(root) / "params.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(raw, sort_keys=False))
