@@ -103,3 +103,41 @@ def test_sd_loads_as_a_diffusers_pipeline_and_generates(base):
     ).images[0]
     assert image.size == (size, size)
     assert image.mode == "RGB"
+
+
+def test_a_local_folder_source_goes_through_the_hub_loaders(tmp_path, monkeypatch):
+    """A folder in hub layout loads with the same fetch_hub_* (`from_pretrained(path)`) code
+    as a hub id, and is saved in save_pretrained form with its pneumoclip_source.json."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from hub_standins import clip_vit_b16, sd21
+    from transformers import CLIPModel
+
+    from pneumoclip import base_models
+    from pneumoclip.config import BaseModelSource
+
+    clip_dir, sd_dir = clip_vit_b16(tmp_path / "clip-standin"), sd21(tmp_path / "sd-standin")
+    called = []
+    for name in ("fetch_hub_clip", "fetch_hub_sd"):
+        real = getattr(base_models, name)
+        monkeypatch.setattr(base_models, name, lambda s, o, real=real, name=name: (
+            called.append((name, s.source)), real(s, o))[1])
+    params = load_section("base_models", ROOT / "params.yaml")
+    params = dataclasses.replace(
+        params, out_dir=str(tmp_path / "base"),
+        clip=BaseModelSource(source=str(clip_dir), revision="main"),
+        sd=BaseModelSource(source=str(sd_dir), revision="main"))
+    build_base_models(params)
+    assert called == [("fetch_hub_clip", str(clip_dir)), ("fetch_hub_sd", str(sd_dir))]
+    out = tmp_path / "base"
+    for name, src in (("clip", clip_dir), ("sd", sd_dir)):
+        assert json.loads((out / name / "pneumoclip_source.json").read_text()) == {
+            "source": str(src), "revision": "main"}
+    assert (out / "sd/model_index.json").is_file()
+    assert (out / "sd/unet/diffusion_pytorch_model.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(out / "sd")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # kept from the folder
+    saved, original = (CLIPModel.from_pretrained(p).state_dict() for p in (out / "clip", clip_dir))
+    assert saved.keys() == original.keys()
+    assert all(torch.equal(saved[k], original[k]) for k in saved)

@@ -1,6 +1,7 @@
 """`base_models` stage: put the SD and CLIP bases into `models/base/{sd,clip}`.
 
-Each is either a Hugging Face repo id (downloaded once, then saved locally) or the built-in
+Each is a Hugging Face repo id (downloaded once, then saved locally), a local folder in
+`save_pretrained` / hub layout (loaded by the very same `from_pretrained` calls), or the built-in
 `tiny` architecture: the real classes (CLIPModel, UNet2DConditionModel, AutoencoderKL,
 CLIPTextModel, CLIPTokenizer), random-init from a seed and small enough for a CPU. Either
 way it is saved in `save_pretrained` form, so every later stage loads it with the same
@@ -216,18 +217,31 @@ def build_tiny_sd(cfg: TinySD, seed: int, out: Path) -> None:
 # ---------------------------------------------------------------- hub models
 
 
+def is_folder(source: BaseModelSource) -> bool:
+    """A `source` that names an existing folder is a local base, not a hub id."""
+    return Path(source.source).is_dir()
+
+
+def _revision(source: BaseModelSource) -> str | None:
+    return None if is_folder(source) else source.revision  # a folder has no revisions
+
+
 def fetch_hub_clip(source: BaseModelSource, out: Path) -> None:
+    """A hub id or a local folder in hub layout, through the same `from_pretrained` calls."""
     from transformers import CLIPModel, CLIPProcessor
 
-    CLIPModel.from_pretrained(source.source, revision=source.revision).save_pretrained(out)
-    CLIPProcessor.from_pretrained(source.source, revision=source.revision).save_pretrained(out)
+    revision = _revision(source)
+    CLIPModel.from_pretrained(source.source, revision=revision).save_pretrained(out)
+    CLIPProcessor.from_pretrained(source.source, revision=revision).save_pretrained(out)
 
 
 def fetch_hub_sd(source: BaseModelSource, out: Path) -> None:
+    """A hub id or a local folder in hub layout, through the same `from_pretrained` call."""
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline.from_pretrained(
-        source.source, revision=source.revision, safety_checker=None, requires_safety_checker=False
+        source.source, revision=_revision(source), safety_checker=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(out)
 
@@ -249,7 +263,9 @@ def build_base_models(params: BaseModelsParams) -> None:
                 else:
                     build_tiny_sd(params.tiny_sd, params.seed, target)
             else:
-                print(f"base_models: fetching {name} {source.source}@{source.revision}")
+                where = ("folder " + source.source if is_folder(source)
+                         else f"{source.source}@{source.revision}")
+                print(f"base_models: loading {name} from {where}")
                 (fetch_hub_clip if name == "clip" else fetch_hub_sd)(source, target)
             (target / "pneumoclip_source.json").write_text(
                 json.dumps({"source": source.source, "revision": source.revision}, indent=2)
