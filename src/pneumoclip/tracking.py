@@ -160,7 +160,12 @@ def flatten(data: Any, prefix: str = "") -> dict[str, str]:
 
 class PneumoclipModel(mlflow.pyfunc.PythonModel):
     """mlflow.pyfunc model: a DataFrame with an `image` column of encoded image bytes in;
-    one row per image out, with `label` and `prob_<CLASS>` columns."""
+    one row per image out, with `label` and `prob_<CLASS>` columns.
+
+    The logged pickle holds only a reference to this class. It and `pneumoclip.classifier`
+    import from the package source that the model carries (see `log_classifier`), so the
+    model loads where pneumoclip is not installed.
+    """
 
     def load_context(self, context) -> None:
         from pneumoclip.classifier import ClipClassifier
@@ -181,40 +186,87 @@ class PneumoclipModel(mlflow.pyfunc.PythonModel):
 def log_classifier(mlflow, model_dir: Path, example_image: bytes, classes: list[str]):
     """Log models/clip-lora/VARIANT as a self-contained pyfunc model; returns its model info.
 
-    A tiny base is copied in (it is small); a hub base stays a reference (id + revision).
+    Self-contained: it loads and predicts with no network and without pneumoclip installed,
+    so a Bento or container built from it starts offline.
+
+    - The base travels: its `save_pretrained` folder (`meta["base"]`, models/base/clip) is
+      copied into the bundle's `base/` for every base, tiny or hub, and ClipClassifier.load
+      prefers `model_dir/base` to the recorded path or hub id. The cost is the base's size
+      in every logged version: about 1 MB for the tiny base, 1.7 GB for CLIP ViT-L/14.
+    - The code travels: `code_paths` carries the pneumoclip package source as the model's
+      `code/pneumoclip`. `mlflow.pyfunc.load_model` puts the model's `code/` first on
+      sys.path before it unpickles the python model, so PneumoclipModel and
+      pneumoclip.classifier import from that copy. `requirements()` pins the third-party
+      packages the carried code imports.
+
+    Why `code_paths` and not models-from-code: a models-from-code script would still import
+    pneumoclip.classifier, so it would need `code_paths` as well; the pickled model here is
+    a bare class reference (no state), and the bundle stays the `model_dir` artifact whose
+    layout `serving.model_dir` reads inside a Bento.
     """
+    import sys
+
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     from pneumoclip.classifier import META_FILE
 
     meta = json.loads((model_dir / META_FILE).read_text())
+    base = Path(meta["base"])
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"the base {base} of {model_dir} is gone, and a logged model carries its base; "
+            "rebuild it with `dvc repro base_models`"
+        )
+    package = Path(__file__).resolve().parent  # src/pneumoclip, carried as code/pneumoclip
+
+    def link_or_copy(src: str, dst: str) -> str:  # no second copy of a 1.7 GB base on disk
+        try:
+            os.link(src, dst)
+            return dst
+        except OSError:
+            return shutil.copy2(src, dst)
+
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / "classifier"
-        shutil.copytree(model_dir, bundle, ignore=shutil.ignore_patterns("mlflow_run.json"))
-        if meta.get("base_is_tiny"):
-            shutil.copytree(meta["base"], bundle / "base")
+        shutil.copytree(model_dir, bundle, ignore=shutil.ignore_patterns("mlflow_run.json"),
+                        copy_function=link_or_copy)
+        if not (bundle / "base").is_dir():
+            shutil.copytree(base, bundle / "base", copy_function=link_or_copy)
         signature = ModelSignature(
             inputs=Schema([ColSpec("binary", "image")]),
             outputs=Schema(
                 [ColSpec("string", "label")] + [ColSpec("double", f"prob_{c}") for c in classes]
             ),
         )
-        return mlflow.pyfunc.log_model(
-            name="classifier",
-            python_model=PneumoclipModel(),
-            artifacts={PYFUNC_ARTIFACT: str(bundle)},
-            signature=signature,
-            input_example=pd.DataFrame({"image": [example_image]}),
-            pip_requirements=requirements(),
-        )
+        path = list(sys.path)
+        try:
+            return mlflow.pyfunc.log_model(
+                name="classifier",
+                python_model=PneumoclipModel(),
+                artifacts={PYFUNC_ARTIFACT: str(bundle)},
+                code_paths=[str(package)],
+                signature=signature,
+                input_example=pd.DataFrame({"image": [example_image]}),
+                pip_requirements=requirements(),
+            )
+        finally:  # log_model loads the model to check the example, which leaves the saved
+            sys.path[:] = path  # copy's code/ (a deleted temp folder) first on sys.path
 
 
 def requirements() -> list[str]:
-    """The serving requirements, pinned to what is installed (no slow env inference)."""
+    """The serving requirements, pinned to what is installed (no slow env inference).
+
+    They are what the carried code (classifier.py and this file) imports when the model
+    loads and predicts: the modules' top-level imports, ClipClassifier.load (peft,
+    transformers) and read_image (pydicom, for DICOM); tests/test_portable_model.py checks
+    them against those imports. pneumoclip is not among them: the model carries its source
+    (`log_classifier`).
+    """
     from importlib.metadata import version
 
-    names = ["torch", "transformers", "peft", "pillow", "pandas", "numpy", "mlflow"]
+    names = ["torch", "transformers", "peft", "pillow", "pandas", "numpy", "mlflow", "pyyaml",
+             "pydicom"]
     return [f"{n}=={version(n).split('+')[0]}" for n in names]
 
 
