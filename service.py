@@ -71,13 +71,13 @@ class Pneumoclip:
         self.model_version = info.labels.get("mlflow_version", "?")
         self.variant = info.labels.get("variant", "?")
         # the GPU Bento (deploy/bentofile-gpu.yaml) runs on the container's GPU
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.accelerator.current_accelerator() or torch.device("cpu")
         self.classifier = load_classifier(self.model, self.device)
         self.classes = self.classifier.classes
         self.decoders = ThreadPoolExecutor(SETTINGS.decode_threads, "decode")
 
         def forward(pixels: np.ndarray) -> np.ndarray:
-            logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels).to(self.device))
+            logits = self.classifier.logits_from_pixels(torch.from_numpy(pixels))
             return torch.softmax(logits, dim=-1).cpu().numpy()
 
         sizes = Histogram("pneumoclip_batch_size", "Images per forward pass of the micro-batcher",
@@ -145,7 +145,7 @@ class Pneumoclip:
     def ready(self) -> dict:
         """Readiness: which model and version this service answers with."""
         return {"ready": True, "model": self.model_name, "model_version": self.model_version,
-                "variant": self.variant, "classes": self.classes, "device": self.device}
+                "variant": self.variant, "classes": self.classes, "device": str(self.device)}
 
 
 def running_handler():

@@ -213,7 +213,7 @@ def in_process_ms(images: list[bytes], repeats: int = 100) -> float:
 
     settings = load_section("serve", ROOT / "params.yaml")
     model = bentoml.models.get(f"{settings.model_name}:latest")
-    classifier = load_classifier(model)
+    classifier = load_classifier(model, "cpu")  # the serving benchmark runs on this CPU
     torch.set_num_threads(os.cpu_count() or 1)
     times = []
     for i in range(repeats):

@@ -343,13 +343,25 @@ class ClipClassifier:
             text_embeds = class_text_embeddings(clip, tokens)
         return cls(clip, processor, list(prompts), text_embeds, temperature)
 
+    def to(self, device, dtype: torch.dtype | None = None) -> ClipClassifier:
+        """Move the model and the class text embeddings to `device` (and `dtype`, e.g.
+        torch.bfloat16 on a GPU); returns self."""
+        self.clip.to(device=device, dtype=dtype)
+        self.text_embeds = self.text_embeds.to(device=device, dtype=dtype)
+        return self
+
+    def on_device(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels on the model's device, in its dtype."""
+        return pixel_values.to(device=self.clip.device, dtype=self.clip.dtype)
+
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def logits_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        embeds = image_embeddings(self.clip, pixel_values)
-        return prompt_logits(self.clip, embeds, self.text_embeds) / self.temperature
+        """Temperature-scaled logits, in float32 on the model's device."""
+        embeds = image_embeddings(self.clip, self.on_device(pixel_values))
+        return (prompt_logits(self.clip, embeds, self.text_embeds) / self.temperature).float()
 
     def predict_proba(self, images: list[Image.Image]) -> np.ndarray:
         """Class probabilities (n, classes) for RGB/any-mode PIL images."""
@@ -360,7 +372,7 @@ class ClipClassifier:
                 images[i : i + self.batch_size] for i in range(0, len(images), self.batch_size)
             )
         ]
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)))
+        return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.classes)))
 
     def predict(self, images: list[Image.Image]) -> list[dict]:
         return [

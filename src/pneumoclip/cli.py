@@ -76,6 +76,8 @@ def train_clip_cmd(params_path: str, variant: str) -> None:
         )
     except TrainError as err:
         raise click.ClickException(str(err)) from err
+    if summary is None:  # not the main process of a multi-process run: it reports
+        return
     click.echo(
         f"{variant}: best epoch {summary['best_epoch']}/{summary['epochs_run']}, val accuracy "
         f"{summary['val_accuracy']:.3f}, macro-F1 {summary['val_macro_f1']:.3f}, "
@@ -93,6 +95,8 @@ def sd_lora_cmd(params_path: str) -> None:
         meta = train_sd_lora(section("sd_lora", params_path))
     except SdLoraError as err:
         raise click.ClickException(str(err)) from err
+    if meta is None:  # not the main process of a multi-process run
+        return
     adapters = len(set(meta["adapters"].values()))
     click.echo(f"sd_lora: {adapters} LoRA adapter(s), {meta['steps']} steps each, final loss "
                f"{meta['final_loss']:.4f}, {meta['train_seconds']:.0f} s; "
@@ -109,6 +113,8 @@ def synthesize_cmd(params_path: str) -> None:
         report = synthesize(section("synthesize", params_path))
     except SynthesizeError as err:
         raise click.ClickException(str(err)) from err
+    if report is None:  # not the main process of a multi-process run
+        return
     for cls, v in report["per_class"].items():
         real = v["real_consistency"]
         click.echo(f"{cls}: {v['generated']} drawn, class consistency {v['consistency']:.3f} "

@@ -48,14 +48,12 @@ def load_adapters(pipe, lora_dir: str | Path, meta: dict) -> dict[str, str]:
     return names
 
 
-def sample_pipeline(vae, text_encoder, tokenizer, unet):
-    """A pipeline around the parts being trained, with a fast deterministic sampler."""
+def sample_pipeline(vae, text_encoder, tokenizer, unet, scheduler_config):
+    """A pipeline around the parts being trained, with a fast deterministic sampler built
+    from the base's scheduler config (its betas, timesteps and prediction type)."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear",
-        beta_start=0.00085, beta_end=0.012, steps_offset=1,
-    )
+    scheduler = DPMSolverMultistepScheduler.from_config(scheduler_config)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

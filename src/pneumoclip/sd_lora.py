@@ -1,7 +1,9 @@
 """`sd_lora` stage: fine-tune Stable Diffusion with LoRA on the real training X-rays.
 
-The recipe follows diffusers' text-to-image LoRA example: DDPM noise on VAE latents, an
-epsilon loss with optional min-SNR weighting and noise offset, LoRA on the UNet attention
+The recipe follows diffusers' text-to-image LoRA example: DDPM noise on VAE latents, a loss
+whose target follows the base scheduler's `prediction_type` (the noise, the velocity of a
+v-prediction base such as SD 2.x at 768 px, or the sample), optional min-SNR weighting and
+noise offset, LoRA on the UNet attention
 projections (peft), class captions from params, and some captions dropped so the pipeline
 can use classifier-free guidance. By default each class gets its own adapter, trained on that
 class's images only (`per_class`); `per_class: false` trains one adapter for all classes.
@@ -18,6 +20,11 @@ Every phase checkpoints every `checkpoint_every` steps into `checkpoint_dir` (ou
 DVC output, which DVC deletes before a run). A rerun with the same inputs resumes from the
 last checkpoint. Each step draws its batch, noise and timesteps from a generator seeded by
 (seed, phase, step), so a resumed run ends with the same weights as an uninterrupted one.
+
+On N processes (`accelerate launch`, `torchrun`) each step draws the global batch (N x
+`batch_size`) and each rank trains on its slice, through the prepared model, so the ranks
+see different images and N processes at `batch_size` B follow one at N x B
+(pneumoclip.distributed). The main process alone logs, samples, checkpoints and saves.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pneumoclip import tracking
+from pneumoclip import distributed, tracking
 from pneumoclip.classifier import read_image
 from pneumoclip.config import SdLoraParams
 from pneumoclip.diffusion import (
@@ -50,6 +57,7 @@ from pneumoclip.diffusion import (
     make_grid,
     sample_pipeline,
 )
+from pneumoclip.distributed import Objective, local
 from pneumoclip.fsutil import atomic_dir, content_key, load_state, save_state
 from pneumoclip.prepare import read_index
 
@@ -111,24 +119,52 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(tokens.input_ids)[0]
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def loss_target(scheduler, latents, noise, t) -> torch.Tensor:
+    """What the UNet learns to predict, as the base's scheduler defines it."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, t)
+    if kind == "sample":
+        return latents
+    raise SdLoraError(f"the base's scheduler has prediction_type {kind!r}; sd_lora trains "
+                      f"{', '.join(PREDICTION_TYPES)}")
+
+
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod[timesteps]
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr
+    """Min-SNR-gamma loss weights for the scheduler's prediction type, as diffusers' recipe."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=gamma)
+    if scheduler.config.prediction_type == "epsilon":
+        return weights / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        return weights / (snr + 1)
+    return weights
 
 
-def diffusion_loss(unet, scheduler, latents, text, params: SdLoraParams, gen) -> torch.Tensor:
+def diffusion_loss(unet, scheduler, latents, text, params: SdLoraParams, gen,
+                   part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """The denoising loss of rank `part[0]` of `part[1]`: noise and timesteps are drawn for
+    the whole (global) batch of `latents` and `text`, and the rank keeps its slice."""
     noise = torch.randn(latents.shape, generator=gen)
     if params.noise_offset:
         noise += params.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen)
     t = torch.randint(scheduler.config.num_train_timesteps, (len(latents),), generator=gen)
+    latents, noise, t, text = (local(x, *part) for x in (latents, noise, t, text))
     device = unet.device
     latents, noise, t = latents.to(device), noise.to(device), t.to(device)
     noisy = scheduler.add_noise(latents, noise, t)
     pred = unet(noisy, t, text.to(device)).sample
-    loss = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    target = loss_target(scheduler, latents, noise, t)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     if params.snr_gamma:
-        loss = loss * min_snr_weights(scheduler, t.cpu(), params.snr_gamma).to(loss)
+        loss = loss * min_snr_weights(scheduler, t, params.snr_gamma).to(loss)
     return loss.mean()
 
 
@@ -189,7 +225,11 @@ class Parts:
     noise_scheduler: object
 
 
-def load_parts(base_dir: str | Path) -> Parts:
+def load_parts(base_dir: str | Path, resolution: int, device) -> Parts:
+    """The base's parts; the frozen text encoder and the VAE on `device` (the model being
+    trained goes there when accelerate prepares it). The training scheduler is a DDPM one
+    built from the base's scheduler config, so it keeps the base's betas and prediction
+    type."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -201,13 +241,20 @@ def load_parts(base_dir: str | Path) -> Parts:
         unet=UNet2DConditionModel.from_pretrained(base_dir, subfolder="unet"),
         noise_scheduler=DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler"),
     )
-    parts.text_encoder.requires_grad_(False).eval()
+    native = parts.unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    if resolution != native:
+        raise SdLoraError(f"sd_lora.resolution is {resolution} but the base {base_dir} "
+                          f"makes {native} px images (unet sample_size "
+                          f"{parts.unet.config.sample_size} x the VAE's scale): set "
+                          f"sd_lora.resolution to {native}")
+    parts.text_encoder.requires_grad_(False).eval().to(device)
+    parts.vae.to(device)
     return parts
 
 
-def train_sd_lora(params: SdLoraParams) -> dict:
-    from accelerate import Accelerator
-
+def train_sd_lora(params: SdLoraParams) -> dict | None:
+    """Train the adapters; the main process saves them and returns their metadata, the
+    others return None."""
     classes = list(params.captions)
     if not classes or any(not c for c in params.captions.values()):
         raise SdLoraError("sd_lora.captions needs at least one caption template per class")
@@ -224,65 +271,86 @@ def train_sd_lora(params: SdLoraParams) -> dict:
     if not rows:
         raise SdLoraError(f"{params.index} has no train rows")
 
+    accelerator = distributed.accelerator(params.mixed_precision, params.grad_accum)
+    main = accelerator.is_main_process
     ckpt = Checkpoints(params.checkpoint_dir, run_key(params))
-    state = ckpt.load()
-    if state:
+    with accelerator.main_process_first():  # it sets an unreadable checkpoint aside first
+        state = ckpt.load()
+    if state and main:
         print(f"sd_lora: resuming {state.phase} from step {state.step} ({ckpt.dir})")
     random.seed(params.seed)
     np.random.seed(params.seed)
     torch.manual_seed(params.seed)
-    accelerator = Accelerator(mixed_precision=params.mixed_precision,
-                              gradient_accumulation_steps=params.grad_accum)
     images = load_images([r["path"] for r in rows], params.resolution, "sd_lora: train images")
     labels = torch.tensor([classes.index(r["label"]) for r in rows])
 
-    mlflow = tracking.setup(SD_EXPERIMENT)
-    run_id = state.run_id if state else None
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else "sd-lora",
-                           tags=None if run_id else tracking.run_tags("sd_lora"))
+    mlflow, run = None, None
+    if main:
+        mlflow = tracking.setup(SD_EXPERIMENT)
+        run_id = state.run_id if state else None
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else "sd-lora",
+                               tags=None if run_id else tracking.run_tags("sd_lora"))
     started = time.perf_counter()
     try:
-        if not run_id:
+        if main and not (state and state.run_id):
             mlflow.log_params(tracking.flatten(dataclasses.asdict(params))
-                              | {"train_images": len(rows)})
+                              | {"train_images": len(rows),
+                                 "processes": accelerator.num_processes})
             tracking.log_dataset(mlflow, rows, "kermany-train", tracking.dvc_hash(), "training")
-        trainer = Trainer(params, accelerator, ckpt, run.info.run_id, mlflow, classes)
+        trainer = Trainer(params, accelerator, ckpt, run.info.run_id if main else None, mlflow,
+                          classes)
         lora_base = params.base_dir
         done = state.done if state else []
+        device = accelerator.device
         if params.domain.enabled:
             if "unet" not in done:
-                parts = load_parts(params.base_dir)
+                parts = load_parts(params.base_dir, params.resolution, device)
                 trainer.train_vae(parts, images, state)
                 trainer.train_domain_unet(parts, images, labels, state)
-                save_domain_base(parts, ckpt.base_dir)
+                if main:
+                    save_domain_base(parts, ckpt.base_dir)
+                accelerator.wait_for_everyone()
                 state = None
             lora_base = ckpt.base_dir
-        parts = load_parts(lora_base)
+        parts = load_parts(lora_base, params.resolution, device)
         summary = trainer.train_lora(parts, images, labels, state)
+        distributed.in_sync(accelerator, parts.unet, "sd_lora")
         summary["train_seconds"] = time.perf_counter() - started
-        files = {c: lora_file(a) for c, a in adapters(params).items()}
-        with atomic_dir(params.out_dir) as out:
-            for adapter in dict.fromkeys(adapters(params).values()):
-                save_lora(parts.unet, out, adapter)
-            if params.domain.enabled:
-                shutil.copytree(ckpt.base_dir, out / "base")
-            meta = {
-                "base": "base" if params.domain.enabled else params.base_dir,
-                "base_in_lora_dir": params.domain.enabled,
-                "classes": classes, "captions": params.captions,
-                "resolution": params.resolution, "lora": dataclasses.asdict(params.lora),
-                "per_class": params.per_class, "adapters": files,
-                "lora_sha256": lora_sha256(out, files.values()), "run_id": run.info.run_id,
-                "tracking_uri": tracking.public_uri(),
-            } | summary
-            (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            grid = trainer.sample_grid(parts, "final")
-            grid.save(out / "samples.png")
-        mlflow.log_metric("train_seconds", summary["train_seconds"])
-        mlflow.log_artifact(str(Path(params.out_dir) / META_FILE))
+        meta = save_outputs(params, trainer, parts, ckpt, summary, run, mlflow) if main else None
     finally:
-        mlflow.end_run()
-    ckpt.clear()
+        if run is not None:
+            mlflow.end_run()
+    accelerator.wait_for_everyone()
+    if main:
+        ckpt.clear()
+    return meta
+
+
+def save_outputs(params: SdLoraParams, trainer, parts: Parts, ckpt: Checkpoints,
+                 summary: dict, run, mlflow) -> dict:
+    """The adapters (and the tiny profile's domain base), their metadata and a final sample
+    grid, written to `out_dir` in one move and logged to the MLflow run."""
+    classes = list(params.captions)
+    files = {c: lora_file(a) for c, a in adapters(params).items()}
+    with atomic_dir(params.out_dir) as out:
+        for adapter in dict.fromkeys(adapters(params).values()):
+            save_lora(parts.unet, out, adapter)
+        if params.domain.enabled:
+            shutil.copytree(ckpt.base_dir, out / "base")
+        meta = {
+            "base": "base" if params.domain.enabled else params.base_dir,
+            "base_in_lora_dir": params.domain.enabled,
+            "classes": classes, "captions": params.captions,
+            "resolution": params.resolution, "lora": dataclasses.asdict(params.lora),
+            "per_class": params.per_class, "adapters": files,
+            "lora_sha256": lora_sha256(out, files.values()), "run_id": run.info.run_id,
+            "tracking_uri": tracking.public_uri(),
+        } | summary
+        (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        grid = trainer.sample_grid(parts, "final")
+        grid.save(out / "samples.png")
+    mlflow.log_metric("train_seconds", summary["train_seconds"])
+    mlflow.log_artifact(str(Path(params.out_dir) / META_FILE))
     return meta
 
 
@@ -320,12 +388,18 @@ class Trainer:
                  mlflow, classes: list[str]):
         self.params, self.accelerator, self.ckpt = params, accelerator, ckpt
         self.run_id, self.mlflow, self.classes = run_id, mlflow, classes
+        self.main = accelerator.is_main_process  # it alone logs, samples and checkpoints
+        self.part = (accelerator.process_index, accelerator.num_processes)
+        self.global_batch = params.batch_size * accelerator.num_processes
         self.adapters = adapters(params)
         self.phases = ["vae", "unet", *map(lora_phase, dict.fromkeys(self.adapters.values()))]
 
     def loop(self, phase: str, steps: int, model, trainable, lr: float, loss_fn, state,
              sample=None, extra_state=None) -> float:
-        """Train `model` for `steps`, resuming from `state` if it is this phase's."""
+        """Train `model` for `steps`, resuming from `state` if it is this phase's.
+
+        `loss_fn(model, generator)` is this rank's loss for the step; it runs inside the
+        prepared module, so DDP synchronises the gradients."""
         params = self.params
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=1e-2)
         warmup = max(1, params.warmup_steps)
@@ -338,14 +412,14 @@ class Trainer:
             optimizer.load_state_dict(state.optimizer)
             schedule.load_state_dict(state.schedule)
             start, losses = state.step, state.losses
-        model, optimizer = self.accelerator.prepare(model, optimizer)
-        model.train()
+        objective, optimizer = self.accelerator.prepare(Objective(model, loss_fn), optimizer)
+        objective.train()
         bar = tqdm(range(start, steps), desc=f"sd_lora: {phase}", unit="step",
-                   initial=start, total=steps, disable=None)
+                   initial=start, total=steps, disable=None if self.main else True)
         for step in bar:
             gen = step_generator(params.seed, self.phases.index(phase), step)
-            with self.accelerator.accumulate(model), self.accelerator.autocast():
-                loss = loss_fn(gen)
+            with self.accelerator.accumulate(objective), self.accelerator.autocast():
+                loss = objective(gen)
                 self.accelerator.backward(loss)
                 optimizer.step()
                 schedule.step()
@@ -353,6 +427,8 @@ class Trainer:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
             done = step + 1
+            if not self.main:
+                continue
             if done % 10 == 0 or done == steps:
                 self.mlflow.log_metric(f"{phase}_loss", float(np.mean(losses[-10:])), step=done)
             if sample and params.sample_every and (done % params.sample_every == 0):
@@ -361,12 +437,13 @@ class Trainer:
                 self.ckpt.save(ResumeState(
                     phase=phase, step=done, losses=losses, run_id=self.run_id,
                     done=self.phases[: self.phases.index(phase)],
-                    model=self.accelerator.unwrap_model(model).state_dict(),
+                    model=model.state_dict(),
                     optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
                     **(extra_state or {})))
-        model.eval()
+        objective.eval()
         final = float(np.mean(losses[-20:])) if losses else float("nan")
-        print(f"sd_lora: {phase} {steps} steps, loss {final:.4f}", flush=True)  # one line a phase
+        if self.main:  # one line a phase
+            print(f"sd_lora: {phase} {steps} steps, loss {final:.4f} (rank 0's)", flush=True)
         return final
 
     def train_vae(self, parts: Parts, images: torch.Tensor, state) -> None:
@@ -376,11 +453,12 @@ class Trainer:
             vae.register_to_config(scaling_factor=state.scaling_factor)
             return
 
-        def loss_fn(gen):
-            x = images[torch.randint(len(images), (self.params.batch_size,), generator=gen)]
-            posterior = vae.encode(x.to(vae.device)).latent_dist
-            z = posterior.mean + posterior.std * torch.randn(
-                posterior.mean.shape, generator=gen).to(vae.device)
+        def loss_fn(vae, gen):  # the global batch drawn, this rank's slice trained
+            x = images[torch.randint(len(images), (self.global_batch,), generator=gen)]
+            x = local(x, *self.part).to(vae.device)
+            posterior = vae.encode(x).latent_dist
+            eps = torch.randn((self.global_batch, *posterior.mean.shape[1:]), generator=gen)
+            z = posterior.mean + posterior.std * local(eps, *self.part).to(vae.device)
             recon = vae.decode(z).sample
             return F.l1_loss(recon, x.to(recon)) + cfg.vae_kl_weight * posterior.kl().mean()
 
@@ -390,11 +468,12 @@ class Trainer:
         vae.requires_grad_(False)
         # SD's scaling factor makes latents unit-variance; measure it on our data
         with torch.no_grad():
-            z = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean
+            z = torch.cat([vae.encode(images[i : i + 256].to(vae.device)).latent_dist.mean.cpu()
                            for i in range(0, len(images), 256)])
         vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-        self.mlflow.log_metrics({"vae_final_l1": loss,
-                                 "vae_scaling_factor": vae.config.scaling_factor})
+        if self.main:
+            self.mlflow.log_metrics({"vae_final_l1": loss,
+                                     "vae_scaling_factor": vae.config.scaling_factor})
 
     def latents(self, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std of every image, once; each step samples from them."""
@@ -411,7 +490,7 @@ class Trainer:
         """Text states, and a function drawing one caption index per image (some empty)."""
         params = self.params
         templates = [generic] if generic else [t for c in self.classes for t in params.captions[c]]
-        text = encode_text(parts.tokenizer, parts.text_encoder, templates + [""])
+        text = encode_text(parts.tokenizer, parts.text_encoder, templates + [""]).cpu()
         owners = [self.classes.index(c) for c in self.classes for _ in params.captions[c]]
         by_class = [torch.tensor([i for i, o in enumerate(owners) if o == k] or [0])
                     for k in range(len(self.classes))]
@@ -436,11 +515,11 @@ class Trainer:
         mean, std = self.latents(parts.vae, images)
         text, draw_captions = self.captions(parts, labels, generic)
 
-        def loss_fn(gen):
-            idx = draw_batch(labels, params.batch_size, params.balance, gen)
+        def loss_fn(unet, gen):  # the global batch drawn, this rank's slice trained
+            idx = draw_batch(labels, self.global_batch, params.balance, gen)
             z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
             return diffusion_loss(unet, parts.noise_scheduler, z, text[draw_captions(idx, gen)],
-                                  params, gen)
+                                  params, gen, self.part)
 
         def sample(name):
             self.sample_grid(parts, name, captions={"x-ray": [generic]} if generic else None)
@@ -448,7 +527,8 @@ class Trainer:
         loss = self.loop(phase, steps, unet, trainable, lr, loss_fn,
                          state if state and state.phase == phase else None,
                          sample=sample, extra_state=extra_state)
-        self.mlflow.log_metric(f"{phase}_final_loss", loss)
+        if self.main:
+            self.mlflow.log_metric(f"{phase}_final_loss", loss)
         return loss
 
     def train_domain_unet(self, parts: Parts, images, labels, state) -> None:
@@ -493,7 +573,8 @@ class Trainer:
                 phase, parts, images[keep], labels[keep], params.steps, params.lr, trainable,
                 None, state, extra_state={"final_losses": dict(final)},
             )
-        self.mlflow.log_metric("lora_params", sum(sizes.values()))
+        if self.main:
+            self.mlflow.log_metric("lora_params", sum(sizes.values()))
         return {"final_loss": float(np.mean(list(final.values()))), "final_losses": final,
                 "lora_params": sum(sizes.values()), "steps": params.steps,
                 "adapter_steps": params.steps * len(names)}
@@ -513,7 +594,8 @@ class Trainer:
         """Fixed-seed samples, one row per class, logged to the MLflow run."""
         params, unet = self.params, parts.unet
         captions = captions or {c: params.captions[c][:1] for c in self.classes}
-        pipe = sample_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet)
+        pipe = sample_pipeline(parts.vae, parts.text_encoder, parts.tokenizer, unet,
+                               parts.noise_scheduler.config)
         n = params.sample_per_class
         training = unet.active_adapters() if getattr(unet, "peft_config", None) else []
         rows = []

@@ -100,14 +100,12 @@ def model_dir(bento_model) -> Path:
     return root / flavor["artifacts"][tracking.PYFUNC_ARTIFACT]["path"]
 
 
-def load_classifier(bento_model, device: str = "cpu"):
-    """The ClipClassifier on `device`, with its class text embeddings computed once."""
+def load_classifier(bento_model, device, dtype=None):
+    """The ClipClassifier on `device` (in `dtype`), with its class text embeddings computed
+    once."""
     from pneumoclip.classifier import ClipClassifier
 
-    classifier = ClipClassifier.load(model_dir(bento_model))
-    classifier.clip.to(device)
-    classifier.text_embeds = classifier.text_embeds.to(device)
-    return classifier
+    return ClipClassifier.load(model_dir(bento_model)).to(device, dtype)
 
 
 class MicroBatcher:

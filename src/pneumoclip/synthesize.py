@@ -6,6 +6,11 @@ generator, so any one image can be redrawn exactly. Images land first in a work 
 by everything that decides them, so an interrupted run skips what it already drew; the DVC
 output `artifacts/synthetic/` is written only at the end, in one move.
 
+The pipeline runs on the accelerator's device when there is one. On N processes
+(`accelerate launch`, `torchrun`) the plan's batches are dealt out to the ranks, each batch
+drawn whole by one rank exactly as one process draws it, so N processes write the same image
+bytes as one; the main process then judges the set and writes the output.
+
 Quality, with no pretrained Inception to lean on:
 - class consistency: how often the `real` classifier (which never saw a synthetic image)
   gives a synthetic image the class it was drawn for. Beside it, the same share for the
@@ -33,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pneumoclip import tracking
+from pneumoclip import distributed, tracking
 from pneumoclip.config import SynthesizeParams
 from pneumoclip.diffusion import (
     META_FILE,
@@ -146,8 +151,9 @@ def work_key(params: SynthesizeParams, lora_sha: str, counts: dict[str, int]) ->
 # ---------------------------------------------------------------- generation
 
 
-def load_pipeline(params: SynthesizeParams, meta: dict):
-    """The base pipeline with the LoRA adapters; returns it and class -> adapter name."""
+def load_pipeline(params: SynthesizeParams, meta: dict, device):
+    """The base pipeline with the LoRA adapters, on `device`; returns it and class ->
+    adapter name."""
     import diffusers
 
     lora_dir = Path(params.lora_dir)
@@ -167,20 +173,28 @@ def load_pipeline(params: SynthesizeParams, meta: dict):
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)
     pipe.set_progress_bar_config(disable=True)
-    return pipe, names
+    return pipe.to(device), names
 
 
 def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
-         params: SynthesizeParams, resolution: int, captions: dict[str, list[str]]) -> None:
-    """Draw every planned image that the work folder lacks, in batches of one prompt, each
-    with its class's adapter (and the other classes' ones where `contrast` asks)."""
-    todo = [r for r in rows if not (work / r["file"]).is_file()]
-    if len(todo) < len(rows):
-        print(f"synthesize: {len(rows) - len(todo)} of {len(rows)} images already drawn "
-              f"({work}), drawing the other {len(todo)}")
-    with tqdm(total=len(rows), initial=len(rows) - len(todo), desc="synthesize",
-              unit="img", disable=None) as bar:
-        for batch in batches(todo, params.batch_size):
+         params: SynthesizeParams, resolution: int, captions: dict[str, list[str]],
+         rank: int = 0, world: int = 1) -> None:
+    """Draw the planned images that the work folder lacks, in batches of one prompt, each
+    with its class's adapter (and the other classes' ones where `contrast` asks).
+
+    The batches are the plan's, whatever is already drawn, and rank `rank` of `world`
+    draws every world-th one, so each image comes out of the same batch (the same
+    arithmetic, the same bytes) on any number of processes and after any interruption."""
+    mine = [b for i, b in enumerate(batches(rows, params.batch_size)) if i % world == rank]
+    total = sum(map(len, mine))
+    todo = [b for b in mine if not all((work / r["file"]).is_file() for r in b)]
+    have = total - sum(map(len, todo))
+    if have and rank == 0:
+        print(f"synthesize: {have} of {total} images already drawn ({work}), drawing the "
+              f"other {total - have}")
+    with tqdm(total=total, initial=have, desc="synthesize", unit="img",
+              disable=None if rank == 0 else True) as bar:
+        for batch in todo:
             cls = batch[0]["class"]
             pipe.set_adapters(adapters[cls])
             args = ([r["prompt"] for r in batch], [r["seed"] for r in batch], params.steps,
@@ -191,6 +205,8 @@ def draw(pipe, adapters: dict[str, str], rows: list[dict], work: Path,
                       else generate(pipe, *args))
             for row, image in zip(batch, images, strict=True):
                 target = work / row["file"]
+                if target.is_file():
+                    continue
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.with_suffix(".tmp")
                 image.save(tmp, format="PNG")
@@ -207,16 +223,17 @@ def generate_contrast(pipe, own: str, others: list[tuple[str, str, float]],
     class, weight * (own prediction - that class's adapter's prediction for its caption):
     the other classes' adapters say what the image should not look like. With every weight
     at 0 this draws what `generate` draws."""
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]  # on the CPU, as in `generate`
     n = len(prompts)
+    device = pipe.device
     with torch.no_grad():
-        cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True,
+        cond, uncond = pipe.encode_prompt(prompts, device, 1, True,
                                           negative if any(negative) else None)
-        texts = [pipe.encode_prompt([caption] * n, "cpu", 1, False)[0]
+        texts = [pipe.encode_prompt([caption] * n, device, 1, False)[0]
                  for _, caption, _ in others]
-        pipe.scheduler.set_timesteps(steps)
+        pipe.scheduler.set_timesteps(steps, device=device)
         latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, resolution,
-                                       resolution, cond.dtype, "cpu", gens)
+                                       resolution, cond.dtype, device, gens)
         extra = pipe.prepare_extra_step_kwargs(gens, 0.0)
         for t in pipe.scheduler.timesteps:
             x = pipe.scheduler.scale_model_input(latents, t)
@@ -262,8 +279,9 @@ def judge(classifier, paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
                   disable=None):
         pixels = classifier.pixel_values([read_image(p) for p in paths[i : i + 128]])
         with torch.no_grad():
-            probs.append(torch.softmax(classifier.logits_from_pixels(pixels), -1).numpy())
-            embeds.append(image_embeddings(classifier.clip, pixels).numpy())
+            probs.append(torch.softmax(classifier.logits_from_pixels(pixels), -1).cpu().numpy())
+            embeds.append(image_embeddings(classifier.clip, classifier.on_device(pixels))
+                          .float().cpu().numpy())
     if not probs:
         return np.zeros((0, len(classifier.classes))), np.zeros((0, 1))
     return np.concatenate(probs), np.concatenate(embeds)
@@ -296,7 +314,7 @@ def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work:
     Consistency counts the kept-or-not synthetic set plus the probe images of its class."""
     from pneumoclip.classifier import ClipClassifier
 
-    classifier = ClipClassifier.load(params.classifier_dir)
+    classifier = ClipClassifier.load(params.classifier_dir).to(distributed.processes().device)
     if classifier.classes != classes:
         raise SynthesizeError(f"{params.classifier_dir} knows {classifier.classes}, "
                               f"the LoRA {classes}")
@@ -342,7 +360,10 @@ def quality(params: SynthesizeParams, rows: list[dict], probe: list[dict], work:
 # ---------------------------------------------------------------- the stage
 
 
-def synthesize(params: SynthesizeParams) -> dict:
+def synthesize(params: SynthesizeParams) -> dict | None:
+    """Draw, judge and write the synthetic set; returns the quality report (on the main
+    process; the others draw their share and return None)."""
+    state = distributed.processes()
     lora_dir = Path(params.lora_dir)
     if not (lora_dir / META_FILE).is_file():
         raise SynthesizeError(f"{lora_dir}/{META_FILE} is missing; run `dvc repro sd_lora`")
@@ -358,11 +379,16 @@ def synthesize(params: SynthesizeParams) -> dict:
     probe = probe_plan(params, rows, meta["captions"], classes)
     lora_sha = lora_sha256(lora_dir, meta["adapters"].values())
     work = Path(params.work_dir) / work_key(params, lora_sha, counts)
-    print("synthesize: " + ", ".join(f"{c} {train_counts.get(c, 0)} real + {n} synthetic"
-                                     for c, n in counts.items()))
+    if state.is_main_process:
+        print("synthesize: " + ", ".join(f"{c} {train_counts.get(c, 0)} real + {n} synthetic"
+                                         for c, n in counts.items()))
     if rows or probe:
-        pipe, adapters = load_pipeline(params, meta)
-        draw(pipe, adapters, rows + probe, work, params, meta["resolution"], meta["captions"])
+        pipe, adapters = load_pipeline(params, meta, state.device)
+        draw(pipe, adapters, rows + probe, work, params, meta["resolution"], meta["captions"],
+             state.process_index, state.num_processes)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
     for row in rows:
         row |= {"steps": params.steps, "guidance": params.guidance,
                 "scheduler": params.scheduler, "lora_sha256": lora_sha}

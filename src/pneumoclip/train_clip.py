@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
-from pneumoclip import tracking
+from pneumoclip import distributed, tracking
 from pneumoclip.classifier import (
     META_FILE,
     class_text_embeddings,
@@ -43,6 +43,7 @@ from pneumoclip.classifier import (
     tokenize_prompts,
 )
 from pneumoclip.config import AugmentParams, TrainClipParams, VariantParams
+from pneumoclip.distributed import Objective, in_sync, local
 from pneumoclip.fsutil import atomic_dir, content_key, load_state, save_state, sha256_file
 from pneumoclip.prepare import read_index
 
@@ -88,12 +89,16 @@ def load_pixels(processor, paths: list[str], desc: str, batch: int = 64) -> torc
     return torch.cat(chunks)
 
 
-def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator) -> torch.Tensor:
-    """Random shift, zoom, rotation, brightness and contrast, as torch ops on a batch."""
+def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator, rank: int = 0,
+            world: int = 1) -> torch.Tensor:
+    """Random shift, zoom, rotation, brightness and contrast, as torch ops on a batch.
+
+    Each draw is made for the global batch (`world` x this rank's) and sliced, so N ranks
+    augment their images exactly as one process augments the same global batch."""
     n = x.shape[0]
 
     def uniform(limit: float) -> torch.Tensor:
-        return (torch.rand(n, generator=gen) * 2 - 1) * limit
+        return local((torch.rand(n * world, generator=gen) * 2 - 1) * limit, rank, world)
 
     angle = uniform(math.radians(cfg.rotate))
     scale = 1 + uniform(cfg.scale)
@@ -311,19 +316,20 @@ def read_data(params: TrainClipParams, name: str, variant: VariantParams) -> Tra
     return TrainData(classes, train_rows, val_rows, synthetic)
 
 
-def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, processor,
-        data: TrainData, mlflow, run_id: str, ckpt: Path,
-        resume: EpochState | None) -> tuple[object, object, Fit]:
+def fit(params: TrainClipParams, name: str, variant: VariantParams, accelerator, clip,
+        processor, data: TrainData, mlflow, run_id: str | None, ckpt: Path,
+        resume: EpochState | None) -> tuple[object, Fit]:
     """Train the LoRA, keep the best epoch by validation macro-F1, fit the temperature.
 
-    Each epoch is checkpointed to `ckpt`; with `resume`, training goes on after its epoch.
+    Runs on every process; `mlflow` is None on all but the main one, which alone logs and
+    checkpoints (to `ckpt`, each epoch). With `resume`, training goes on after its epoch.
+    Returns the trained model (unwrapped, the best epoch's weights loaded) and the result.
     """
-    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list
     from transformers import get_cosine_schedule_with_warmup
 
-    accelerator = Accelerator(
-        mixed_precision=params.mixed_precision, gradient_accumulation_steps=params.grad_accum
-    )
+    main, rank, world = (accelerator.is_main_process, accelerator.process_index,
+                         accelerator.num_processes)
     model = add_lora(clip, params)
     label_id = {c: i for i, c in enumerate(data.classes)}
     train_x = load_pixels(processor, [r["path"] for r in data.train_rows], f"{name}: train")
@@ -335,6 +341,7 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, proces
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
+    # in single-process steps: on N processes accelerate steps the schedule N times a step
     steps_per_epoch = math.ceil(len(batches) / params.grad_accum)
     schedule = get_cosine_schedule_with_warmup(
         optimizer, params.warmup_epochs * steps_per_epoch, params.epochs * steps_per_epoch
@@ -343,10 +350,17 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, proces
         load_trainable_state(model, resume.trainable)
         optimizer.load_state_dict(resume.optimizer)
         schedule.load_state_dict(resume.schedule)
-    model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
-    core = accelerator.unwrap_model(model)
     device = accelerator.device
     tokens = tokenize_prompts(processor.tokenizer, params.prompts, device)
+
+    def loss_fn(peft_model, pixel_values, labels):
+        x = augment(pixel_values, params.augment, gen, rank, world)
+        return F.cross_entropy(class_logits(peft_model, tokens, x), labels)
+
+    step, optimizer, batches, schedule = accelerator.prepare(
+        Objective(model, loss_fn), optimizer, batches, schedule
+    )
+    core = accelerator.unwrap_model(step).model  # the PeftModel, on the device
 
     epoch, history, best, best_state, stale, seconds = 0, [], None, None, 0, 0.0
     if resume:
@@ -361,30 +375,33 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, proces
         torch.set_rng_state(resume.rng)
         if resume.cuda_rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(resume.cuda_rng)
-        log_unlogged_epochs(mlflow, run_id, history)
+        if main:
+            log_unlogged_epochs(mlflow, run_id, history)
     started = time.perf_counter()
     while epoch < params.epochs and stale < params.patience:
         epoch += 1
-        model.train()
+        step.train()
         losses = []
         # a bar on a terminal; in a log (no TTY) only the one line per epoch below
         bar = tqdm(batches, desc=f"{name}: epoch {epoch}/{params.epochs}", unit="batch",
-                   disable=None, leave=False)
+                   disable=None if main else True, leave=False)
         for pixel_values, labels in bar:
-            with accelerator.accumulate(model), accelerator.autocast():
-                x = augment(pixel_values, params.augment, gen)
-                loss = F.cross_entropy(class_logits(clip, tokens, x), labels.to(device))
+            with accelerator.accumulate(step), accelerator.autocast():
+                loss = step(pixel_values, labels)
                 accelerator.backward(loss)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
-        model.eval()
+        step.eval()
         with accelerator.autocast():
-            val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device)
-        val = scores(val_y, val_logits.float())
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)),
+            val_logits = predict_logits(core, tokens, val_x, params.batch_size, device)
+        # the main process's scores decide for all, so the ranks stop together
+        val = broadcast_object_list([scores(val_y, val_logits.float())])[0]
+        train_loss = float(accelerator.reduce(torch.tensor(np.mean(losses), device=device),
+                                              "mean"))
+        record = {"epoch": epoch, "train_loss": train_loss,
                   "val_accuracy": val["accuracy"], "val_macro_f1": val["macro_f1"]}
         history.append(record)
         if best is None or val["macro_f1"] > best["val_macro_f1"]:
@@ -392,28 +409,31 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, clip, proces
             best_state = copy.deepcopy(trainable_state(core))
         else:
             stale += 1
-        save_state(ckpt / STATE_FILE, dataclasses.asdict(EpochState(
-            epoch=epoch, run_id=run_id, trainable=trainable_state(core),
-            optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
-            scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            generator=gen.get_state(), rng=torch.get_rng_state(),
-            cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            history=history, best=best, best_state=best_state, stale=stale,
-            train_seconds=seconds + time.perf_counter() - started,
-        )))
-        mlflow.log_metrics(metrics_of(record), step=epoch)
-        print(f"{name}: epoch {epoch}/{params.epochs} loss {record['train_loss']:.4f} "
-              f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}", flush=True)
-        if stale >= params.patience:
-            print(f"{name}: early stop, no val macro-F1 gain in {stale} epochs", flush=True)
+        if main:
+            save_state(ckpt / STATE_FILE, dataclasses.asdict(EpochState(
+                epoch=epoch, run_id=run_id, trainable=trainable_state(core),
+                optimizer=optimizer.state_dict(), schedule=schedule.state_dict(),
+                scaler=(accelerator.scaler.state_dict() if accelerator.scaler is not None
+                        else None),
+                generator=gen.get_state(), rng=torch.get_rng_state(),
+                cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                history=history, best=best, best_state=best_state, stale=stale,
+                train_seconds=seconds + time.perf_counter() - started,
+            )))
+            mlflow.log_metrics(metrics_of(record), step=epoch)
+            print(f"{name}: epoch {epoch}/{params.epochs} loss {record['train_loss']:.4f} "
+                  f"val acc {val['accuracy']:.3f} macro-F1 {val['macro_f1']:.3f}", flush=True)
+            if stale >= params.patience:
+                print(f"{name}: early stop, no val macro-F1 gain in {stale} epochs", flush=True)
     train_seconds = seconds + time.perf_counter() - started
+    in_sync(accelerator, core, name)
     load_trainable_state(core, best_state)
-    model.eval()
-    val_logits = predict_logits(clip, tokens, val_x, params.batch_size, device).float()
+    core.eval()
+    val_logits = predict_logits(core, tokens, val_x, params.batch_size, device).float()
     temperature = (
         fit_temperature(val_logits, torch.from_numpy(val_y)) if params.calibrate else 1.0
     )
-    return accelerator, model, Fit(history, best, train_seconds, temperature)
+    return core, Fit(history, best, train_seconds, temperature)
 
 
 def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
@@ -442,8 +462,12 @@ def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
 
 
 def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
-                  name: str) -> dict:
-    """Read the variant's data, fit it, and save and log the model under one MLflow run."""
+                  name: str) -> dict | None:
+    """Read the variant's data, fit it, and save and log the model under one MLflow run.
+
+    Under `accelerate launch` or `torchrun` every process trains its share of each batch;
+    the main one alone logs, checkpoints and saves, and returns the summary (the others
+    return None)."""
     from accelerate.utils import set_seed
     from transformers import CLIPModel, CLIPProcessor
 
@@ -451,48 +475,57 @@ def train_variant(params: TrainClipParams, variants: dict[str, VariantParams],
         raise TrainError(f"unknown variant {name!r} (params variants: {', '.join(variants)})")
     variant = variants[name]
     data = read_data(params, name, variant)
+    accelerator = distributed.accelerator(params.mixed_precision, params.grad_accum)
+    main = accelerator.is_main_process
     set_seed(params.seed)
     processor = CLIPProcessor.from_pretrained(params.base_dir)
     clip = CLIPModel.from_pretrained(params.base_dir)
     source = json.loads((Path(params.base_dir) / "pneumoclip_source.json").read_text())
     ckpt = checkpoint_dir(params, name, variant)
-    resume = load_state(ckpt / STATE_FILE, name, lambda saved: EpochState(**saved))
-    if resume:
+    with accelerator.main_process_first():  # it sets an unreadable checkpoint aside first
+        resume = load_state(ckpt / STATE_FILE, name, lambda saved: EpochState(**saved))
+    if resume and main:
         print(f"{name}: resuming after epoch {resume.epoch} ({ckpt})", flush=True)
 
-    mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
-    synthetic = data.synthetic or {}
-    tags = tracking.run_tags(f"train_clip@{name}", name) | {
-        "synthetic_dvc_md5": synthetic.get("dvc_md5", "none"),
-        "synthetic_manifest_sha256": synthetic.get("manifest_sha256", "none"),
-    }
+    mlflow, run, summary = None, None, None
     with sigterm_interrupts():
         status = "FAILED"
         try:
-            run = start_run(mlflow, name, tags, resume.run_id if resume else None)
-            summary = train_in_run(mlflow, run, params, name, variant, clip, processor, data,
-                                   source, ckpt, resume)
+            if main:
+                mlflow = tracking.setup(tracking.CLASSIFIER_EXPERIMENT)
+                synthetic = data.synthetic or {}
+                tags = tracking.run_tags(f"train_clip@{name}", name) | {
+                    "synthetic_dvc_md5": synthetic.get("dvc_md5", "none"),
+                    "synthetic_manifest_sha256": synthetic.get("manifest_sha256", "none"),
+                }
+                run = start_run(mlflow, name, tags, resume.run_id if resume else None)
+            summary = train_in_run(accelerator, mlflow, run, params, name, variant, clip,
+                                   processor, data, source, ckpt, resume)
             status = "FINISHED"
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM
             status = "KILLED"
             raise
         finally:
-            mlflow.end_run(status)
-    shutil.rmtree(ckpt, ignore_errors=True)
+            if run is not None:
+                mlflow.end_run(status)
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(ckpt, ignore_errors=True)
     return summary
 
 
-def train_in_run(mlflow, run, params: TrainClipParams, name: str, variant: VariantParams,
-                 clip, processor, data: TrainData, source: dict, ckpt: Path,
-                 resume: EpochState | None) -> dict:
-    """Fit, save and log the model in the active MLflow `run` (a continued one logs no
-    params or datasets again)."""
+def train_in_run(accelerator, mlflow, run, params: TrainClipParams, name: str,
+                 variant: VariantParams, clip, processor, data: TrainData, source: dict,
+                 ckpt: Path, resume: EpochState | None) -> dict | None:
+    """Fit on every process; on the main one (the one with the MLflow `run`), save and log
+    the model in that run (a continued one logs no params or datasets again)."""
     synthetic = data.synthetic or {}
-    if not (resume and resume.run_id == run.info.run_id):
+    if run is not None and not (resume and resume.run_id == run.info.run_id):
         mlflow.log_params(tracking.flatten(dataclasses.asdict(params)) | tracking.flatten(
             dataclasses.asdict(variant), "variant."
         ) | {"train_images": len(data.train_rows), "val_images": len(data.val_rows),
-             "synthetic_images": synthetic.get("images", 0)})
+             "synthetic_images": synthetic.get("images", 0),
+             "processes": accelerator.num_processes})
         n_real = len(data.train_rows) - synthetic.get("images", 0)  # synthetic rows last
         tracking.log_dataset(mlflow, data.train_rows[:n_real], "kermany-train",
                              tracking.dvc_hash(), "training")
@@ -501,18 +534,19 @@ def train_in_run(mlflow, run, params: TrainClipParams, name: str, variant: Varia
                                  synthetic["dvc_md5"], "training")
         tracking.log_dataset(mlflow, data.val_rows, "kermany-val", tracking.dvc_hash(),
                              "validation")
-    accelerator, model, result = fit(params, name, variant, clip, processor, data, mlflow,
-                                     run.info.run_id, ckpt, resume)
+    model, result = fit(params, name, variant, accelerator, clip, processor, data, mlflow,
+                        run.info.run_id if run is not None else None, ckpt, resume)
+    if run is None:
+        return None
     best = result.best
-    n_trainable, n_total = accelerator.unwrap_model(model).get_nb_trainable_parameters()
+    n_trainable, n_total = model.get_nb_trainable_parameters()
     mlflow.log_params({"trainable_params": n_trainable, "total_params": n_total})
     mlflow.log_metrics({"best_epoch": best["epoch"], "best_val_accuracy": best["val_accuracy"],
                         "best_val_macro_f1": best["val_macro_f1"],
                         "temperature": result.temperature,
                         "train_seconds": result.train_seconds})
     with atomic_dir(Path(params.out_dir) / name) as out:
-        summary = save_model(out, params, name, accelerator.unwrap_model(model), processor,
-                             data, result, source)
+        summary = save_model(out, params, name, model, processor, data, result, source)
         info = tracking.log_classifier(
             mlflow, out, tracking.image_bytes(data.val_rows[0]["path"]), data.classes
         )
@@ -520,6 +554,8 @@ def train_in_run(mlflow, run, params: TrainClipParams, name: str, variant: Varia
             "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
             "model_uri": info.model_uri, "tracking_uri": tracking.public_uri(),
         }, indent=2) + "\n")
+    print(f"{name}: saved {Path(params.out_dir) / name} (MLflow run {run.info.run_id})",
+          flush=True)
     return summary
 
 
