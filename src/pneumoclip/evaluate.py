@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pneumoclip import tracking
 from pneumoclip.classifier import ClipClassifier, read_image
 from pneumoclip.config import EvaluateParams
+from pneumoclip.distributed import processes
 from pneumoclip.fsutil import atomic_write, write_json
 from pneumoclip.prepare import read_index
 
@@ -213,7 +214,7 @@ def zero_shot(params: EvaluateParams, prompts: dict, images: list, y: np.ndarray
     """The un-tuned base with the same prompts: the reference row."""
     from transformers import CLIPModel, CLIPProcessor
 
-    base = CLIPModel.from_pretrained(params.base_dir).eval()
+    base = CLIPModel.from_pretrained(params.base_dir).eval().to(processes().device)
     processor = CLIPProcessor.from_pretrained(params.base_dir)
     pred = ClipClassifier.from_parts(base, processor, prompts).predict_proba(images).argmax(1)
     return {
@@ -228,7 +229,7 @@ def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
         raise EvaluateError(
             f"no trained model in {model_dir}; run `dvc repro train_clip@{variant}`"
         )
-    classifier = ClipClassifier.load(model_dir, base_dir=params.base_dir)
+    classifier = ClipClassifier.load(model_dir, base_dir=params.base_dir).to(processes().device)
     classes = classifier.classes
     meta = json.loads((model_dir / "pneumoclip.json").read_text())
     rows = read_index(params.index)
