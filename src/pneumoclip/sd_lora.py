@@ -116,7 +116,7 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     """Hidden states per caption, padded to the tokenizer's max length as the pipeline does."""
     tokens = tokenizer(captions, padding="max_length", truncation=True,
                        max_length=tokenizer.model_max_length, return_tensors="pt")
-    return text_encoder(tokens.input_ids)[0]
+    return text_encoder(tokens.input_ids.to(text_encoder.device))[0]
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
