@@ -26,6 +26,7 @@ def renderers() -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import augmentation
     import classifier
+    import processes
     import serving
 
     return {
@@ -36,6 +37,7 @@ def renderers() -> dict:
         "serving": ("serving.json", serving.table),
         "serving-goals": ("serving.json", serving.goals_table),
         "serving-replica": ("serving.json", serving.replica_table),
+        "processes": ("processes.json", processes.table),
     }
 
 
