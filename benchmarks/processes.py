@@ -148,11 +148,11 @@ def sd_settings(scale: float) -> dict:
                        "unet_steps": max(1, round(domain["unet_steps"] * scale))}}
 
 
-def run_sd(bases: Path, n: int, batch: int, settings: dict) -> dict:
-    name = f"sd-{n}p"
+def run_sd(bases: Path, n: int, batch: int, settings: dict, threads: int | None = None) -> dict:
+    name = f"sd-{n}p" + (f"-{threads}t" if threads else "")
     params = project(bases, name, sd_lora=settings | {"batch_size": batch})
     wall = stage(LAUNCHERS[n], params, "sd-lora", db=bases / f"{name}.db",
-                 log=bases / f"{name}.log")
+                 log=bases / f"{name}.log", threads=threads)
     out = params.parent / "models/sd-lora"
     summary = json.loads((out / "sd_lora.json").read_text())
     return {"processes": n, "batch_per_process": batch, "global_batch": n * batch,
@@ -191,8 +191,8 @@ def per_epoch(r: dict) -> float | None:
 def table(results: dict) -> str:
     """The markdown table of a results file."""
     lines = ["| stage | processes | batch / process (global) | threads / process | wall s | "
-             "train s | speed-up (train s per epoch) | epochs run (best) | val macro-F1 | "
-             "val acc | final loss |",
+             "train s | speed-up (train s per epoch; sd: per run) | epochs run (best) | "
+             "val macro-F1 | val acc | final loss |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, stage_ in results["stages"].items():
         rows = stage_["runs"]
@@ -214,7 +214,7 @@ def table(results: dict) -> str:
     notes = [f"{m['cpus']} CPUs, torch {m['torch']}; 1-min load average {load['start']:.2f} "
              f"at start, {load['end']:.2f} at end"
              + (f" ({load['control_start']:.2f} and {load['control_end']:.2f} around the "
-                "control)" if "control_start" in load else "") + "."]
+                "train_clip control)" if "control_start" in load else "") + "."]
     for name, stage_ in results["stages"].items():
         if "kept_from" in stage_:
             kept = stage_["kept_from"]["load_average"]
@@ -237,17 +237,24 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
-def add_control(work: Path) -> None:
-    """train_clip@real on 1 process at 1 thread, the thread setting torchrun gives each of
-    its processes: separates what the second process brings from what the threads cost."""
+def add_control(work: Path, which: str = "train_clip") -> None:
+    """The stage on 1 process at 1 thread, the thread setting torchrun gives each of its
+    processes: separates what the second process brings from what the threads cost."""
     results = json.loads(OUT.read_text())
-    batch = yaml.safe_load((ROOT / "params.yaml").read_text())["train_clip"]["batch_size"]
-    results["load_average"]["control_start"] = os.getloadavg()[0]
-    run = run_clip(work, 1, batch, threads=1)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    load = os.getloadavg()[0]
+    if which == "train_clip":
+        name, run = "train_clip@real", run_clip(work, 1, params["train_clip"]["batch_size"], 1)
+        results["load_average"]["control_start"] = load
+        results["load_average"]["control_end"] = os.getloadavg()[0]
+    else:
+        name = "sd_lora"
+        run = run_sd(work, 1, params["sd_lora"]["batch_size"],
+                     results["stages"]["sd_lora"]["settings"], threads=1)
+        run["load_average"] = {"start": load, "end": os.getloadavg()[0]}
     run.pop("_out")
-    results["stages"]["train_clip@real"]["control_1_process_1_thread"] = run
-    results["load_average"]["control_end"] = os.getloadavg()[0]
-    results["command"] += " && python benchmarks/processes.py --control --work WORK"
+    results["stages"][name]["control_1_process_1_thread"] = run
+    results["command"] += f" && python benchmarks/processes.py --control {which} --work WORK"
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(run, flush=True)
     print(table(results), flush=True)
@@ -263,12 +270,12 @@ def main() -> None:
     parser.add_argument("--skip", choices=["train_clip", "sd_lora"], action="append",
                         default=[], help="do not run this stage; keep its figures from the "
                                          "existing results file, if it has them")
-    parser.add_argument("--control", action="store_true",
-                        help="only add the control to an existing results file: train_clip on "
+    parser.add_argument("--control", choices=["train_clip", "sd_lora"],
+                        help="only add a control to an existing results file: the stage on "
                              "1 process at OMP_NUM_THREADS=1, in the --work folder of that run")
     args = parser.parse_args()
     if args.control:
-        add_control(args.work)
+        add_control(args.work, args.control)
         return
 
     load_start = os.getloadavg()[0]
