@@ -4,6 +4,7 @@ against a real MLflow server and the bundled sample."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -232,9 +233,12 @@ def test_balanced_loader_draws_classes_evenly():
     drawn = torch.cat([y for _, y in data] * 5)
     share = torch.bincount(drawn).float() / len(drawn)
     assert torch.allclose(share, torch.full((3,), 1 / 3), atol=0.05), share
-    plain = torch.cat([y for _, y in loader(torch.zeros(400, 1), labels, params, False,
+    whole = dataclasses.replace(params, batch_size=50)  # 400 = 8 x 50: one pass, each once
+    plain = torch.cat([y for _, y in loader(torch.zeros(400, 1), labels, whole, False,
                                             torch.Generator().manual_seed(0))])
     assert torch.equal(torch.bincount(plain), torch.tensor([300, 60, 40]))
+    # the last partial batch is dropped, as it is on N processes (400 = 12 x 32 + 16)
+    assert len(loader(torch.zeros(400, 1), labels, params, False, torch.Generator())) == 12
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_overconfident():

@@ -78,13 +78,6 @@ def project(bases: Path, name: str, **sections) -> Path:
     return params
 
 
-def train_rows(bases: Path) -> int:
-    import csv
-
-    with open(bases / "artifacts/prepared/index.csv", newline="") as fh:
-        return sum(r["split"] == "train" for r in csv.DictReader(fh))
-
-
 def adapter_weights(folder: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -100,11 +93,11 @@ def largest_difference(a: dict, b: dict) -> float:
 
 
 def test_train_clip_on_two_processes_is_one_process_at_the_same_global_batch(bases):
-    n = train_rows(bases)
-    assert n % 2 == 0, "the sample's train split must split in two halves"
-    common = {"epochs": 2, "patience": 5}
-    one = project(bases, "clip1", train_clip=common | {"batch_size": n})
-    two = project(bases, "clip2", train_clip=common | {"batch_size": n // 2})
+    """At the default batch, which does not divide the sample's 226 training images: the
+    ranks' halves of each global batch, and the partial batch dropped on both."""
+    common = {"epochs": 3, "patience": 5}
+    one = project(bases, "clip1", train_clip=common | {"batch_size": 32})
+    two = project(bases, "clip2", train_clip=common | {"batch_size": 16})
     stage(ONE, one, "train-clip", "--variant", "real", db=bases / "clip1.db")
     log = stage(TWO, two, "train-clip", "--variant", "real", db=bases / "clip2.db")
 
@@ -116,8 +109,9 @@ def test_train_clip_on_two_processes_is_one_process_at_the_same_global_batch(bas
     assert largest_difference(adapter_weights(out_one), adapter_weights(out_two)) < TOLERANCE
     history = [yaml.safe_load((o / "val_metrics.json").read_text())["history"]
                for o in (out_one, out_two)]
-    assert [h["val_macro_f1"] for h in history[0]] == pytest.approx(
-        [h["val_macro_f1"] for h in history[1]], abs=1e-9)
+    for key in ("train_loss", "val_macro_f1"):  # epoch by epoch
+        assert [h[key] for h in history[0]] == pytest.approx(
+            [h[key] for h in history[1]], abs=1e-4), key
 
 
 SD = {"steps": 2, "batch_size": 8, "per_class": False, "checkpoint_every": 100,

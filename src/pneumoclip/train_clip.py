@@ -118,16 +118,25 @@ def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator, rank: int
     return (x - mean) * contrast + mean + brightness
 
 
-def loader(pixels, labels, params: TrainClipParams, balance: bool, gen: torch.Generator):
+def loader(pixels, labels, params: TrainClipParams, balance: bool, gen: torch.Generator,
+           processes: int = 1):
+    """Shuffled batches of `params.batch_size` (per process), the last partial one dropped
+    when there is a whole global batch: N processes then train on exactly the images of
+    one process at N x the batch, step by step (a kept partial batch would be padded with
+    repeated images on N processes, and alone on one). Each epoch reshuffles, so every
+    image is still seen."""
     from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
 
     dataset = TensorDataset(pixels, labels)
+    drop_last = len(dataset) >= params.batch_size * processes
     if balance:  # the control: same images, class-balanced draws
         counts = torch.bincount(labels).float()
         weights = (1.0 / counts)[labels]
         sampler = WeightedRandomSampler(weights, len(labels), replacement=True, generator=gen)
-        return DataLoader(dataset, batch_size=params.batch_size, sampler=sampler)
-    return DataLoader(dataset, batch_size=params.batch_size, shuffle=True, generator=gen)
+        return DataLoader(dataset, batch_size=params.batch_size, sampler=sampler,
+                          drop_last=drop_last)
+    return DataLoader(dataset, batch_size=params.batch_size, shuffle=True, generator=gen,
+                      drop_last=drop_last)
 
 
 def read_synthetic(folder: str, classes: list[str]) -> tuple[list[dict], dict]:
@@ -337,7 +346,7 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, accelerator,
     train_y = torch.tensor([label_id[r["label"]] for r in data.train_rows])
     val_y = np.array([label_id[r["label"]] for r in data.val_rows])
     gen = torch.Generator().manual_seed(params.seed)
-    batches = loader(train_x, train_y, params, variant.balance, gen)
+    batches = loader(train_x, train_y, params, variant.balance, gen, world)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=params.lr, weight_decay=params.weight_decay)
