@@ -26,6 +26,7 @@ def renderers() -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import augmentation
     import classifier
+    import main_command
     import processes
     import serving
 
@@ -38,6 +39,8 @@ def renderers() -> dict:
         "serving-goals": ("serving.json", serving.goals_table),
         "serving-replica": ("serving.json", serving.replica_table),
         "processes": ("processes.json", processes.table),
+        "devices": ("devices-cuda.json", lambda gpu: main_command.versus(
+            json.loads((RESULTS / "main-command.json").read_text()), gpu)),
     }
 
 
