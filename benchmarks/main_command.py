@@ -57,7 +57,7 @@ def versus(cpu: dict, gpu: dict) -> str:
     """Markdown: each stage's seconds on this CPU (the main command) and on the GPU run
     (benchmarks/devices.py's results), where both have it."""
     gpu_stages = {s["stage"]: s for s in gpu["stages"]}
-    rows = ["| stage | CPU, 2 cores (main command) | " + gpu["device_name"] + ", bf16 | CPU / GPU |",
+    rows = [f"| stage | CPU, 2 cores (main command) | {gpu['device_name']}, bf16 | CPU / GPU |",
             "| --- | ---: | ---: | ---: |"]
     for name, seconds in cpu["stages"].items():
         g = gpu_stages.get(name)
