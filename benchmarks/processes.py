@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -169,11 +168,9 @@ def compare(rows: list[dict]) -> float | None:
 
 
 def images_per_epoch(rows: int, n: int, batch: int) -> int:
-    """Images a train_clip epoch feeds on n processes at `batch` each: accelerate deals the
-    per-process batches round-robin and, with even_batches, tops up the last round from the
-    start of the epoch, so N > 1 processes see rows padded to a multiple of N x batch."""
-    steps = math.ceil(rows / batch)
-    return rows if n == 1 else n * math.ceil(steps / n) * batch
+    """Images a train_clip epoch feeds on n processes at `batch` each: whole global batches
+    (train_clip.loader drops the last partial one whenever there is a whole global batch)."""
+    return rows if rows < n * batch else rows // (n * batch) * n * batch
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -227,10 +224,13 @@ def table(results: dict) -> str:
                 for r in clip["runs"]]
         if len({s for s, _ in seen}) > 1:
             fed = " vs ".join(f"{s} ({n} p)" for s, n in seen)
-            notes.append(f"train_clip: of {train} train images an epoch feeds {fed}: accelerate "
-                         "tops up the last round of batches on 2 processes (even_batches), so "
-                         "the two runs are not the same training.")
+            notes.append(f"train_clip: of {train} train images an epoch feeds {fed}, so the "
+                         "two runs are not the same training.")
+        else:
+            notes.append(f"train_clip: both feed {seen[0][0]} of {train} train images an epoch "
+                         "(the last partial global batch dropped).")
     for name, stage_ in results["stages"].items():
+        notes.append(f"{name}: {stage_['params']}.")
         notes.append(f"{name}: largest |weight difference| 1 vs 2 processes "
                      f"{fmt(stage_['max_weight_difference'], 6)}"
                      + (f"; {stage_['note']}" if stage_.get("note") else "") + ".")
