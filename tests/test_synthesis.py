@@ -91,7 +91,7 @@ def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd):
         assert_diffusers_lora(sd["lora"] / file)
 
     params = load_section("synthesize", sd["params"])
-    pipe, adapters = load_pipeline(params, meta)
+    pipe, adapters = load_pipeline(params, meta, "cpu")
     pipe.set_adapters(adapters["VIRUS"])
     (image,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
     assert image.size == (64, 64) and image.mode == "L"
@@ -112,7 +112,7 @@ def test_one_shared_lora_for_all_classes_when_per_class_is_off(tmp_path, trained
     assert meta["adapters"] == dict.fromkeys(("NORMAL", "BACTERIA", "VIRUS"), LORA_FILE)
     assert sorted(p.name for p in (tmp_path / "sd-lora").glob("*.safetensors")) == [LORA_FILE]
     assert_diffusers_lora(tmp_path / "sd-lora" / LORA_FILE)
-    pipe, adapters = load_pipeline(load_section("synthesize", params), meta)
+    pipe, adapters = load_pipeline(load_section("synthesize", params), meta, "cpu")
     assert set(adapters.values()) == {Path(LORA_FILE).stem}
     (image,) = generate(pipe, ["a chest x-ray of viral pneumonia"], [3], 4, 3.0, 64)
     pipe.disable_lora()
@@ -254,7 +254,7 @@ def test_real_consistency_is_the_judges_recall_on_real_validation_images(synthet
 def test_generation_is_deterministic_per_seed(synthetic, sd):
     params = synthetic["params"]
     meta = json.loads((sd["lora"] / META_FILE).read_text())
-    pipe, adapters = load_pipeline(params, meta)
+    pipe, adapters = load_pipeline(params, meta, "cpu")
     row = read_manifest(synthetic["out"])[7]
     pipe.set_adapters(adapters[row["class"]])
     args = (params.steps, params.guidance, meta["resolution"])
@@ -283,7 +283,7 @@ def test_generation_is_deterministic_per_seed(synthetic, sd):
 def test_class_contrast_guidance_steers_away_from_the_other_classes_adapters(synthetic, sd):
     params = synthetic["params"]
     meta = json.loads((sd["lora"] / META_FILE).read_text())
-    pipe, adapters = load_pipeline(params, meta)
+    pipe, adapters = load_pipeline(params, meta, "cpu")
     row = next(r for r in read_manifest(synthetic["out"]) if r["class"] == "NORMAL")
     pipe.set_adapters(adapters["NORMAL"])
     args = ([row["prompt"]], [int(row["seed"])], params.steps, params.guidance,
@@ -317,8 +317,9 @@ def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
     rows = plan(params, counts, meta["captions"])
     lora_sha = lora_sha256(sd["lora"], meta["adapters"].values())
     work = Path(params.work_dir) / work_key(params, lora_sha, counts)
-    # "interrupted" after 5 images
-    draw(*load_pipeline(params, meta), rows[:5], work, params, 64, meta["captions"])
+    # "interrupted" after the first batch (the 6 NORMAL images: batches are the plan's, and
+    # a batch left half drawn is drawn again whole, its drawn files kept)
+    draw(*load_pipeline(params, meta, "cpu"), rows[:6], work, params, 64, meta["captions"])
     marked = work / rows[2]["file"]
     Image.new("L", (64, 64), 123).save(marked)  # would be overwritten by a redraw
     path = tmp_path / "params.yaml"
@@ -327,7 +328,7 @@ def test_a_rerun_keeps_the_images_an_interrupted_run_drew(sd, tmp_path):
                           "metrics": params.metrics}
     path.write_text(yaml.safe_dump(raw))
     out = cli("synthesize", "--params", str(path))
-    assert "5 of 26 images already drawn" in out.stdout  # 20 + 6 probe images
+    assert "6 of 26 images already drawn" in out.stdout  # 20 + 6 probe images
     with Image.open(tmp_path / "synthetic" / rows[2]["file"]) as image:
         assert set(np.asarray(image).flatten()) == {123}
     assert not work.exists()  # cleaned after success
