@@ -32,10 +32,10 @@ from pathlib import Path
 
 import yaml
 
-from pneumoclip.config import write_relocated
-
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample"
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import sharing_project  # noqa: E402 - the tests' project helper, shared
+
 OUT = ROOT / "benchmarks/results/processes.json"
 
 ONE = [sys.executable, "-m", "pneumoclip.cli"]
@@ -80,22 +80,6 @@ def threads(n: int) -> list[int]:
     return [int(line) for line in proc.stdout.split() if line.strip().isdigit()]
 
 
-def project(bases: Path, name: str, **sections) -> Path:
-    """A project folder reading the shared bases and index, writing its own outputs."""
-    root = bases / name
-    sections["prepare"] = {"data_dir": str(SAMPLE)} | sections.get("prepare", {})
-    params = write_relocated(root, ROOT / "params.yaml", **sections)
-    data = yaml.safe_load(params.read_text())
-    for section in ("train_clip", "sd_lora", "synthesize"):
-        for key in ("base_dir", "index"):
-            if key in data[section]:
-                data[section][key] = data[section][key].replace(str(root), str(bases))
-    for variant in data["variants"].values():
-        variant["train_data"] = variant["train_data"].replace(str(root), str(bases))
-    params.write_text(yaml.safe_dump(data, sort_keys=False))
-    return params
-
-
 def adapter_weights(folder: Path) -> dict:
     from safetensors.numpy import load_file
 
@@ -123,7 +107,7 @@ def train_rows(bases: Path) -> dict:
 
 def run_clip(bases: Path, n: int, batch: int, threads: int | None = None) -> dict:
     name = f"clip-{n}p" + (f"-{threads}t" if threads else "")
-    params = project(bases, name, train_clip={"batch_size": batch})
+    params = sharing_project(bases, name, train_clip={"batch_size": batch})
     wall = stage(LAUNCHERS[n], params, "train-clip", "--variant", "real",
                  db=bases / f"{name}.db", log=bases / f"{name}.log", threads=threads)
     out = params.parent / "models/clip-lora/real"
@@ -149,7 +133,7 @@ def sd_settings(scale: float) -> dict:
 
 def run_sd(bases: Path, n: int, batch: int, settings: dict, threads: int | None = None) -> dict:
     name = f"sd-{n}p" + (f"-{threads}t" if threads else "")
-    params = project(bases, name, sd_lora=settings | {"batch_size": batch})
+    params = sharing_project(bases, name, sd_lora=settings | {"batch_size": batch})
     wall = stage(LAUNCHERS[n], params, "sd-lora", db=bases / f"{name}.db",
                  log=bases / f"{name}.log", threads=threads)
     out = params.parent / "models/sd-lora"
@@ -301,7 +285,7 @@ def main() -> None:
             results["stages"][name] = kept | {"kept_from": {
                 "command": previous.get("command"), "load_average": previous["load_average"]}}
 
-    base_params = project(work, ".")
+    base_params = sharing_project(work, ".")
     db = work / "base.db"
     started = time.perf_counter()
     stage(ONE, base_params, "base-models", db=db, log=work / "base-models.log")

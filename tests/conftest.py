@@ -213,6 +213,25 @@ def project_params(root: Path, **sections) -> Path:
     return write_relocated(root, ROOT / "params.yaml", **sections)
 
 
+def sharing_project(bases: Path, name: str, **sections) -> Path:
+    """`project_params` under `bases/name`, reading the bases and the prepared index that a
+    project at `bases` built (so several runs share one `base_models` and `prepare`) and
+    writing its own outputs."""
+    import yaml
+
+    root = bases / name
+    params = project_params(root, **sections)
+    data = yaml.safe_load(params.read_text())
+    for section in ("train_clip", "sd_lora", "synthesize"):
+        for key in ("base_dir", "index"):
+            if key in data[section]:
+                data[section][key] = data[section][key].replace(str(root), str(bases))
+    for variant in data["variants"].values():
+        variant["train_data"] = variant["train_data"].replace(str(root), str(bases))
+    params.write_text(yaml.safe_dump(data, sort_keys=False))
+    return params
+
+
 EPOCHS = 4  # enough to see the loss fall on the sample, quick on a CPU
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ROOT, project_params
+from conftest import ROOT, project_params, sharing_project
 
 pytestmark = pytest.mark.slow
 
@@ -63,21 +63,6 @@ def bases(tmp_path_factory) -> Path:
     return root
 
 
-def project(bases: Path, name: str, **sections) -> Path:
-    """A project folder reading the shared bases and index, writing its own outputs."""
-    root = bases / name
-    params = project_params(root, **sections)
-    data = yaml.safe_load(params.read_text())
-    for section in ("train_clip", "sd_lora", "synthesize"):
-        for key in ("base_dir", "index"):
-            if key in data[section]:
-                data[section][key] = data[section][key].replace(str(root), str(bases))
-    for variant in data["variants"].values():
-        variant["train_data"] = variant["train_data"].replace(str(root), str(bases))
-    params.write_text(yaml.safe_dump(data, sort_keys=False))
-    return params
-
-
 def adapter_weights(folder: Path) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
@@ -96,8 +81,8 @@ def test_train_clip_on_two_processes_is_one_process_at_the_same_global_batch(bas
     """At the default batch, which does not divide the sample's 226 training images: the
     ranks' halves of each global batch, and the partial batch dropped on both."""
     common = {"epochs": 3, "patience": 5}
-    one = project(bases, "clip1", train_clip=common | {"batch_size": 32})
-    two = project(bases, "clip2", train_clip=common | {"batch_size": 16})
+    one = sharing_project(bases, "clip1", train_clip=common | {"batch_size": 32})
+    two = sharing_project(bases, "clip2", train_clip=common | {"batch_size": 16})
     stage(ONE, one, "train-clip", "--variant", "real", db=bases / "clip1.db")
     log = stage(TWO, two, "train-clip", "--variant", "real", db=bases / "clip2.db")
 
@@ -122,8 +107,8 @@ SD = {"steps": 2, "batch_size": 8, "per_class": False, "checkpoint_every": 100,
 
 
 def test_sd_lora_on_two_processes_is_one_process_at_the_same_global_batch(bases):
-    one = project(bases, "sd1", sd_lora=SD)
-    two = project(bases, "sd2", sd_lora=SD | {"batch_size": SD["batch_size"] // 2})
+    one = sharing_project(bases, "sd1", sd_lora=SD)
+    two = sharing_project(bases, "sd2", sd_lora=SD | {"batch_size": SD["batch_size"] // 2})
     stage(ONE, one, "sd-lora", db=bases / "sd1.db")
     log = stage(TWO, two, "sd-lora", db=bases / "sd2.db")
 
@@ -136,7 +121,7 @@ def test_sd_lora_on_two_processes_is_one_process_at_the_same_global_batch(bases)
 
 def test_synthesize_on_two_processes_writes_the_bytes_of_one(bases):
     """One LoRA and judge for both (trained once here); the plan's batches dealt to 2 ranks."""
-    sd = project(bases, "syn1", sd_lora=SD)
+    sd = sharing_project(bases, "syn1", sd_lora=SD)
     stage(ONE, sd, "sd-lora", db=bases / "syn.db")
     with_sections(sd, train_clip={"epochs": 1})
     stage(ONE, sd, "train-clip", "--variant", "real", db=bases / "syn.db")
@@ -145,8 +130,8 @@ def test_synthesize_on_two_processes_writes_the_bytes_of_one(bases):
             "batch_size": 2, "base_dir": str(bases / "models/base/sd"),
             "lora_dir": str(made / "models/sd-lora"),
             "classifier_dir": str(made / "models/clip-lora/real")}
-    one = with_sections(project(bases, "syn1b"), synthesize=plan)
-    two = with_sections(project(bases, "syn2"), synthesize=plan)
+    one = with_sections(sharing_project(bases, "syn1b"), synthesize=plan)
+    two = with_sections(sharing_project(bases, "syn2"), synthesize=plan)
     stage(ONE, one, "synthesize", db=bases / "syn.db")
     log = stage(TWO, two, "synthesize", db=bases / "syn.db")
 
