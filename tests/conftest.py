@@ -213,6 +213,18 @@ def project_params(root: Path, **sections) -> Path:
     return write_relocated(root, ROOT / "params.yaml", **sections)
 
 
+def copy_project(dest: Path, files: list[str]) -> None:
+    """The project's `files` (and its DVC config) in `dest`: a fresh clone in miniature."""
+    import shutil
+
+    for rel in files:
+        src = ROOT / rel
+        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dest / rel)
+    (dest / ".dvc").mkdir()
+    for rel in (".dvc/config", ".dvc/.gitignore"):
+        shutil.copyfile(ROOT / rel, dest / rel)
+
+
 def sharing_project(bases: Path, name: str, **sections) -> Path:
     """`project_params` under `bases/name`, reading the bases and the prepared index that a
     project at `bases` built (so several runs share one `base_models` and `prepare`) and

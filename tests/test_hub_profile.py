@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SAMPLE
+from conftest import SAMPLE, copy_project
 from hub_standins import (
     CLIP_B16,
     CLIP_IMAGE_SIZE,
@@ -119,12 +119,7 @@ def hub_project(dest: Path, standins: dict[str, Path], sd_repo: str, resolution:
     """A fresh project on `profile: hub` whose hub ids are the stand-in folders, with the
     sizes shrunk to a few steps (edits of the hub profile's own entry, as a user makes)."""
     dest.mkdir(parents=True)
-    for rel in PROJECT_FILES:
-        src = ROOT / rel
-        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dest / rel)
-    (dest / ".dvc").mkdir()
-    for rel in (".dvc/config", ".dvc/.gitignore"):
-        shutil.copyfile(ROOT / rel, dest / rel)
+    copy_project(dest, PROJECT_FILES)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["profile"] = "hub"
     hub = raw["profiles"]["hub"]

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-from conftest import BIN, ROOT, SERVER_ENV, free_port, stop, wait_http
+from conftest import BIN, ROOT, SERVER_ENV, copy_project, free_port, stop, wait_http
 
 PROJECT_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".gitignore",
                  "src", "sample"]
@@ -38,12 +37,7 @@ def run(*args: str, cwd: Path) -> str:
 def project(tmp_path_factory) -> Path:
     """A fresh clone in miniature: the project's files, a new git repo, no data, no cache."""
     dest = tmp_path_factory.mktemp("clone")
-    for rel in PROJECT_FILES:
-        src = ROOT / rel
-        (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dest / rel)
-    (dest / ".dvc").mkdir()
-    for rel in (".dvc/config", ".dvc/.gitignore"):
-        shutil.copyfile(ROOT / rel, dest / rel)
+    copy_project(dest, PROJECT_FILES)
     # the default steps and epochs are sized for the full data set; a few suffice here
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     raw["train_clip"] |= {"epochs": 3}
