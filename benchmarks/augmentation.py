@@ -2,12 +2,13 @@
 
     python benchmarks/augmentation.py --data ../shared/data
 
-Makes a work copy of the project (dvc.yaml, the package source it depends on, params.yaml
-with `prepare.data_dir` pointing at the data) and runs the real pipeline there with
-`dvc repro`: no stage order is coded here. Prints test accuracy and macro-F1 with 95%
-patient-bootstrap intervals per variant, per-class recall, the class consistency of the
-synthetic images, the real-vs-synthetic AUROC and the wall time of each stage (from the
-timestamps of DVC's "Running stage" lines), and writes the figures as JSON to `--out`.
+Makes a work copy of the project (dvc.yaml, the package source it depends on, the shipped
+tiny bases, params.yaml with `prepare.data_dir` pointing at the data) and runs the real
+pipeline there with `dvc repro`: no stage order is coded here. Prints test accuracy and
+macro-F1 with 95% patient-bootstrap intervals per variant, per-class recall, the class
+consistency of the synthetic images, the real-vs-synthetic AUROC and the wall time of each
+stage (from the timestamps of DVC's "Running stage" lines), and writes the figures as JSON
+to `--out`.
 
 A rerun in the same work folder reuses what DVC finds up to date; `-S KEY=VALUE` changes a
 param of the work copy first (as `dvc exp run -S` does), so only what depends on it reruns.
@@ -35,6 +36,7 @@ def work_copy(work: Path, data: Path, params: Path, sets: list[str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copytree(ROOT / "src", work / "src", dirs_exist_ok=True)
+    shutil.copytree(ROOT / "bases", work / "bases", dirs_exist_ok=True)
     raw = yaml.safe_load(params.read_text())
     raw["prepare"]["data_dir"] = str(data)
     for item in sets:  # a.b.c=value, the value parsed as YAML
@@ -125,6 +127,9 @@ def main() -> None:
     timings_file = work / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     timings |= repro(work)  # stages DVC skipped keep the time of the run that built them
+    from pneumoclip.pretrain import check_unseen  # the bases never saw this val or test
+
+    check_unseen(work / "bases/tiny", work / "artifacts/prepared/index.csv")
     timings_file.write_text(json.dumps(timings, indent=2))
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\nTiny CPU profile; peak RSS of any stage process: {peak:,.0f} MB\n")

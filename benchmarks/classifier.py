@@ -2,11 +2,13 @@
 
     python benchmarks/classifier.py --data ../shared/data
 
-Prepares patient-grouped train/val/test splits of the 5,206 images, builds the tiny bases,
-trains and evaluates every classifier variant of params.yaml plus a plain small CNN trained
-from scratch on the same split (the reference the CLIP path must meet or beat), and prints
-test accuracy and macro-F1 with 95% patient-bootstrap intervals, per-class recall, training
-wall time and peak memory. Each model trains in its own process, so peak memory is its own.
+Prepares patient-grouped train/val/test splits of the 5,206 images, installs the shipped
+pretrained tiny bases (after checking that they were pretrained on this split's train part
+only: `pneumoclip pretrain --splits train` made them from it), trains and evaluates every
+classifier variant of params.yaml plus a plain small CNN trained from scratch on the same
+split (the reference the CLIP path must meet or beat), and prints test accuracy and macro-F1
+with 95% patient-bootstrap intervals, per-class recall, training wall time and peak memory.
+Each model trains in its own process, so peak memory is its own.
 """
 
 from __future__ import annotations
@@ -39,13 +41,19 @@ def peak_mb() -> float:
 
 
 def setup(work: Path) -> None:
+    """Prepare the split and install the pretrained tiny bases, after checking that they
+    were pretrained on this split's train part only (never its val or test)."""
     from pneumoclip.base_models import build_base_models
     from pneumoclip.prepare import prepare, render_report
+    from pneumoclip.pretrain import check_unseen
 
     params = work / "params.yaml"
     report = prepare(load_section("prepare", params))
     print(render_report(report).split("\nDuplicates")[0], flush=True)
-    build_base_models(load_section("base_models", params))
+    base = load_section("base_models", params)
+    checked = check_unseen(base.tiny_dir, load_section("prepare", params).out_dir + "/index.csv")
+    print(f"bases: {base.tiny_dir} saw none of the {checked} val and test images", flush=True)
+    build_base_models(base)
 
 
 def run_clip(variant: str, work: Path) -> dict:
@@ -186,7 +194,8 @@ def main() -> None:
         return
 
     # the project's params with every path under the work folder, on the given data
-    write_relocated(args.work, args.params, prepare={"data_dir": str(args.data.resolve())})
+    write_relocated(args.work, args.params, prepare={"data_dir": str(args.data.resolve())},
+                    base_models={"tiny_dir": str(ROOT / "bases/tiny")})
     # variants on real images only; benchmarks/augmentation.py covers the synthetic ones
     variants = [name for name, v in load_section("variants", args.params).items()
                 if v.train_data.endswith(".csv")]
@@ -207,7 +216,7 @@ def main() -> None:
         results_file.write_text(json.dumps(list(results.values()), indent=2))
         print(f"done: {name}", flush=True)
     results = [results[k] for k in [*variants, "cnn"] if k in results]
-    print("\nTiny CPU profile (random-init bases built offline), "
+    print("\nTiny CPU profile (the shipped pretrained tiny bases), "
           f"{torch.get_num_threads()} threads, test split of {results[0]['test']['n']} images:\n")
     print(table(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -70,27 +70,24 @@ def overrides(device: str, quick: bool, scale: float) -> dict[str, dict]:
     from pneumoclip.config import read_yaml
 
     raw = read_yaml(ROOT / "params.yaml")
-    sd, clip, domain = raw["sd_lora"], raw["train_clip"], raw["sd_lora"]["domain"]
+    sd, clip = raw["sd_lora"], raw["train_clip"]
     out: dict[str, dict] = {"train_clip": {}, "sd_lora": {}, "synthesize": {}, "evaluate": {}}
     if device == "cuda":
         out["train_clip"]["mixed_precision"] = out["sd_lora"]["mixed_precision"] = "bf16"
     if quick:  # a smoke test: every code path once, a few steps each
         out["train_clip"] |= {"epochs": 2, "patience": 2}
-        out["sd_lora"] |= {"steps": 4, "warmup_steps": 1, "checkpoint_every": 2,
-                           "sample_every": 4, "sample_per_class": 1, "sample_steps": 2,
-                           "domain": {"vae_steps": 4, "unet_steps": 4}}
+        out["sd_lora"] |= {"epochs": 0.1, "warmup_steps": 1, "checkpoint_every": 2,
+                           "sample_every": 4, "sample_per_class": 1, "sample_steps": 2}
         out["synthesize"] |= {"steps": 2, "counts": {c: 4 for c in raw["sd_lora"]["captions"]},
                               "probe_per_class": 4, "two_sample_max": 50}
         out["evaluate"] |= {"bootstrap": 50}
     elif scale != 1:  # the profile's step and epoch counts times `scale`
         out["train_clip"] |= {"epochs": scaled(clip["epochs"], scale),
                               "patience": scaled(clip["patience"], scale)}
-        out["sd_lora"] |= {"steps": scaled(sd["steps"], scale),
+        out["sd_lora"] |= {"epochs": sd["epochs"] * scale,
                            "warmup_steps": scaled(sd["warmup_steps"], scale),
                            "checkpoint_every": scaled(sd["checkpoint_every"], scale),
-                           "sample_every": scaled(sd["sample_every"], scale),
-                           "domain": {"vae_steps": scaled(domain["vae_steps"], scale),
-                                      "unet_steps": scaled(domain["unet_steps"], scale)}}
+                           "sample_every": scaled(sd["sample_every"], scale)}
     return {k: v for k, v in out.items() if v}
 
 

@@ -6,8 +6,9 @@ Clones the committed HEAD into DIR (default: a new temp folder), runs the README
 command there exactly as written (setup included), stamps every line of its output, and
 writes `benchmarks/results/main-command.json`: the total, the time before the first stage
 (setup, the sample, `dvc add`), each stage's seconds (from one "Running stage" line to the
-next) and the 1-minute load average at the start and the end, since a busy machine makes
-every figure longer. The clone's `dvc.lock` is the one to commit after a change to a stage.
+next), the seconds a second `dvc repro` takes to find nothing to do, and the 1-minute load
+average at the start and the end, since a busy machine makes every figure longer. The
+clone's `dvc.lock` is the one to commit after a change to a stage.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def versus(cpu: dict, gpu: dict) -> str:
     return "\n".join(rows)
 
 
+def table(result: dict) -> str:
+    """Markdown: the main command's time, setup and stage by stage."""
+    rows = ["| step | seconds |", "| --- | ---: |",
+            f"| setup, sample, `dvc add` | {result['before_first_stage_seconds']:.0f} |"]
+    rows += [f"| {name} | {seconds:.0f} |" for name, seconds in result["stages"].items()]
+    rows.append(f"| **total** | **{result['total_seconds']:.0f}** "
+                f"({result['total_seconds'] / 60:.1f} min) |")
+    if result.get("noop_repro_seconds") is not None:
+        rows.append(f"| then a second `dvc repro` (nothing to do) | "
+                    f"{result['noop_repro_seconds']:.1f} |")
+    return "\n".join(rows) + (
+        f"\n\n{result['cpu_count']} CPUs; 1-minute load average "
+        f"{result['load_average_start']:.1f} at the start, {result['load_average_end']:.1f} "
+        f"at the end; exit status {result['exit']}.")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clone", type=Path, help="where to clone (must not exist)")
@@ -80,10 +97,17 @@ def main() -> None:
     with open(clone.parent / "main-command.log", "w") as log:
         total, lines, status = run(command, clone, log)
     stages = stage_seconds(lines, total)
+    noop = None
+    if status == 0:  # a second `dvc repro` has nothing to do: how long does it take to see that?
+        with open(clone.parent / "noop-repro.log", "w") as log:
+            noop, noop_lines, noop_status = run(". .venv/bin/activate && dvc repro", clone, log)
+        if noop_status != 0 or any(line.startswith("Running stage") for _, line in noop_lines):
+            sys.exit(f"the second dvc repro was not a no-op; see {clone.parent}/noop-repro.log")
     first = next((t for t, line in lines if line.startswith("Running stage")), total)
     results = {
         "command": command, "exit": status, "total_seconds": round(total, 1),
         "before_first_stage_seconds": round(first, 1), "stages": stages,
+        "noop_repro_seconds": round(noop, 1) if noop is not None else None,
         "cpu_count": os.cpu_count(), "load_average_start": load_start,
         "load_average_end": os.getloadavg()[0],
         "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True,

@@ -6,8 +6,7 @@ On the bundled sample, in a temporary work folder: the tiny bases are built and 
 prepared once; then `train_clip@real` runs with params.yaml's own `train_clip` section on 1
 process at its `batch_size` (32) and on 2 processes (torchrun, accelerate MULTI_CPU over
 gloo) at half of it each, and `sd_lora` the same at 64 and 32 each. The full default sd_lora
-(~30 min on a 2-core CPU) is scaled by `--sd-scale` (its `steps`, `domain.vae_steps`,
-`domain.unet_steps`; samples off); the scale is recorded.
+is scaled by `--sd-scale` (its `epochs`; samples off); the scale is recorded.
 
 Each launcher runs with its natural thread setting, as a user gets it: torchrun sets
 OMP_NUM_THREADS=1 per process, a plain process keeps torch's default (every core). Each run
@@ -122,13 +121,7 @@ def run_clip(bases: Path, n: int, batch: int, threads: int | None = None) -> dic
 
 def sd_settings(scale: float) -> dict:
     section = yaml.safe_load((ROOT / "params.yaml").read_text())["sd_lora"]
-    domain = section["domain"]
-    return {"steps": max(1, round(section["steps"] * scale)),
-            "warmup_steps": min(section["warmup_steps"],
-                                max(1, round(section["steps"] * scale)) // 2),
-            "sample_every": 0,
-            "domain": {"vae_steps": max(1, round(domain["vae_steps"] * scale)),
-                       "unet_steps": max(1, round(domain["unet_steps"] * scale))}}
+    return {"epochs": section["epochs"] * scale, "sample_every": 0}
 
 
 def run_sd(bases: Path, n: int, batch: int, settings: dict, threads: int | None = None) -> dict:
@@ -249,7 +242,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sd-scale", type=float, default=0.1,
-                        help="fraction of sd_lora's default steps (VAE, domain UNet, LoRA)")
+                        help="fraction of sd_lora's default epochs")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--skip", choices=["train_clip", "sd_lora"], action="append",
                         default=[], help="do not run this stage; keep its figures from the "

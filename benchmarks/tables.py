@@ -28,6 +28,7 @@ def renderers() -> dict:
     import classifier
     import main_command
     import processes
+    import sample_scores
     import serving
 
     return {
@@ -39,9 +40,34 @@ def renderers() -> dict:
         "serving-goals": ("serving.json", serving.goals_table),
         "serving-replica": ("serving.json", serving.replica_table),
         "processes": ("processes.json", processes.table),
+        "main-command": ("main-command.json", main_command.table),
+        "bases": ("../../bases/tiny/manifest.json", pretrain_table),
+        "sample-scores": ("sample-scores.json", sample_scores.table),
+        "sample-seeds": ("sample-scores.json", sample_scores.seeds_table),
         "devices": ("devices-cuda.json", lambda gpu: main_command.versus(
             json.loads((RESULTS / "main-command.json").read_text()), gpu)),
     }
+
+
+def pretrain_table(manifest: dict) -> str:
+    """Markdown: what `pneumoclip pretrain` made the shipped tiny bases from, and how well."""
+    data, results, size = manifest["data"], manifest["results"], manifest["bytes"]
+    clip, sd = results["clip"], results["sd"]
+    best = clip["best"]
+    return "\n".join([
+        "| base | images (train / val) | result | pretraining time | size (fp16) |",
+        "| --- | --- | --- | ---: | ---: |",
+        f"| CLIP | {data['train_images']:,} / {data['val_images']:,} | zero-shot val accuracy "
+        f"{best['zero_shot_val_accuracy']:.3f}, macro-F1 {best['zero_shot_val_macro_f1']:.3f} "
+        f"(epoch {best['epoch']} of {clip['epochs_run']}) | {clip['train_seconds'] / 60:.1f} min "
+        f"| {size['clip'] / 1e6:.1f} MB |",
+        f"| SD | {data['train_images']:,} / - | UNet loss {sd['unet_final_loss']:.4f}, VAE "
+        f"scaling factor {sd['vae_scaling_factor']:.3f} | {sd['train_seconds'] / 60:.1f} min | "
+        f"{size['sd'] / 1e6:.1f} MB |",
+        "",
+        f"Left out: {data['excluded_rows']} images of the {data['excluded_patients']} patients "
+        "of the bundled sample. Tiny CPU profile, 2 CPUs.",
+    ])
 
 
 def render(text: str, tables: dict[str, str]) -> str:

@@ -210,6 +210,9 @@ def project_params(root: Path, **sections) -> Path:
     from pneumoclip.config import write_relocated
 
     sections["prepare"] = {"data_dir": str(SAMPLE)} | sections.get("prepare", {})
+    # the shipped pretrained tiny bases stay where they are: an input, never written
+    sections["base_models"] = ({"tiny_dir": str(ROOT / "bases/tiny")}
+                               | sections.get("base_models", {}))
     return write_relocated(root, ROOT / "params.yaml", **sections)
 
 
@@ -234,7 +237,7 @@ def sharing_project(bases: Path, name: str, **sections) -> Path:
     root = bases / name
     params = project_params(root, **sections)
     data = yaml.safe_load(params.read_text())
-    for section in ("train_clip", "sd_lora", "synthesize"):
+    for section in ("train_clip", "sd_lora", "synthesize", "evaluate"):
         for key in ("base_dir", "index"):
             if key in data[section]:
                 data[section][key] = data[section][key].replace(str(root), str(bases))

@@ -8,7 +8,7 @@ import torch
 from conftest import ROOT
 
 from pneumoclip.base_models import build_base_models, learn_bpe
-from pneumoclip.config import load_section
+from pneumoclip.config import TINY_RANDOM, BaseModelSource, load_section
 
 PROMPTS = [
     "a chest x-ray of normal lungs",
@@ -17,9 +17,16 @@ PROMPTS = [
 ]
 
 
-def build(out: Path, seed: int = 0) -> Path:
+def shipped_params():
     params = load_section("base_models", ROOT / "params.yaml")
-    build_base_models(dataclasses.replace(params, out_dir=str(out), seed=seed))
+    return dataclasses.replace(params, tiny_dir=str(ROOT / params.tiny_dir))
+
+
+def build(out: Path, seed: int = 0) -> Path:
+    """The random-init tiny bases (`tiny-random`)."""
+    random = BaseModelSource(source=TINY_RANDOM, revision="main")
+    build_base_models(dataclasses.replace(shipped_params(), out_dir=str(out), seed=seed,
+                                          clip=random, sd=random))
     return out
 
 
@@ -115,7 +122,6 @@ def test_a_local_folder_source_goes_through_the_hub_loaders(tmp_path, monkeypatc
     from transformers import CLIPModel
 
     from pneumoclip import base_models
-    from pneumoclip.config import BaseModelSource
 
     clip_dir, sd_dir = clip_vit_b16(tmp_path / "clip-standin"), sd21(tmp_path / "sd-standin")
     called = []
@@ -141,3 +147,40 @@ def test_a_local_folder_source_goes_through_the_hub_loaders(tmp_path, monkeypatc
     saved, original = (CLIPModel.from_pretrained(p).state_dict() for p in (out / "clip", clip_dir))
     assert saved.keys() == original.keys()
     assert all(torch.equal(saved[k], original[k]) for k in saved)
+
+
+def test_tiny_installs_the_shipped_pretrained_bases_in_float32(tmp_path):
+    """`source: tiny` (the default) loads bases/tiny through the hub loaders, in float32,
+    with the very weights that were shipped in float16, and records which pretraining."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from transformers import CLIPModel
+
+    params = dataclasses.replace(shipped_params(), out_dir=str(tmp_path / "base"))
+    assert (params.clip.source, params.sd.source) == ("tiny", "tiny")
+    build_base_models(params)
+    shipped, out = Path(params.tiny_dir), tmp_path / "base"
+    clip = CLIPModel.from_pretrained(out / "clip")
+    assert clip.dtype == torch.float32
+    for key, value in load_file(shipped / "clip/model.safetensors").items():
+        assert value.dtype == torch.float16
+        torch.testing.assert_close(clip.state_dict()[key], value.float(), rtol=0, atol=0)
+    unet = UNet2DConditionModel.from_pretrained(out / "sd", subfolder="unet")
+    weights = load_file(shipped / "sd/unet/diffusion_pytorch_model.safetensors")
+    assert unet.dtype == torch.float32 and len(weights) == len(unet.state_dict())
+    for key, value in weights.items():
+        torch.testing.assert_close(unet.state_dict()[key], value.float(), rtol=0, atol=0)
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    record = json.loads((out / "clip/pneumoclip_source.json").read_text())
+    assert record == {"source": "tiny", "revision": "main",
+                      "pretrain_images_sha256": manifest["images_sha256"]}
+
+
+def test_tiny_without_shipped_bases_says_how_to_make_them(tmp_path):
+    params = dataclasses.replace(shipped_params(), out_dir=str(tmp_path / "base"),
+                                 tiny_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="pneumoclip pretrain"):
+        build_base_models(params)
+    assert not (tmp_path / "base").exists()

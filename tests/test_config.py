@@ -62,10 +62,10 @@ def test_relocate_moves_every_path_and_nothing_else(tmp_path):
     assert moved["sd_lora"]["checkpoint_dir"] == str(tmp_path / ".checkpoints/sd_lora")
     assert moved["train_clip"]["prompts"] == raw["train_clip"]["prompts"]
     assert moved["serve"] == raw["serve"]
-    path = write_relocated(tmp_path, PARAMS, sd_lora={"domain": {"vae_steps": 3}},
+    path = write_relocated(tmp_path, PARAMS, pretrain={"sd": {"vae_steps": 3}},
                            synthesize={"contrast": {"NORMAL": {"BACTERIA": 1.0}}})
-    assert load_section("sd_lora", path).domain.vae_steps == 3
-    assert load_section("sd_lora", path).domain.unet_steps == raw["sd_lora"]["domain"][
+    assert load_section("pretrain", path).sd.vae_steps == 3
+    assert load_section("pretrain", path).sd.unet_steps == raw["pretrain"]["sd"][
         "unet_steps"]  # a nested section merges
     assert load_section("synthesize", path).contrast == {"NORMAL": {"BACTERIA": 1.0}}  # a value
 
@@ -138,14 +138,13 @@ def test_the_hub_profile_switches_base_and_sizes_together(tmp_path):
     assert (base.clip.source, base.sd.source) == ("openai/clip-vit-base-patch16", HUB_ID_SD)
     sd = load_section("sd_lora", path)
     tiny_sd = load_section("sd_lora", PARAMS)
-    assert (sd.resolution, sd.mixed_precision, sd.lr, sd.domain.enabled) == (
-        512, "bf16", 1e-4, False)
-    # a nested override merges: the rest of `domain` and of the section is the tiny one's
-    assert sd.domain.vae_steps == tiny_sd.domain.vae_steps
+    assert (sd.resolution, sd.mixed_precision, sd.lr, sd.epochs) == (512, "bf16", 1e-4, 10)
+    # the rest of the section is the tiny one's: the same recipe
     assert sd.captions == tiny_sd.captions and sd.lora == tiny_sd.lora
+    assert sd.snr_gamma == tiny_sd.snr_gamma and sd.caption_dropout == tiny_sd.caption_dropout
     clip = load_section("train_clip", path)
+    assert clip.lora == load_section("train_clip", PARAMS).lora  # LoRA-only in both
     assert clip.lora.modules_to_save == ["visual_projection"]
-    assert clip.lora.target_modules == r".*vision_model.*\.(q_proj|k_proj|v_proj|out_proj)"
     assert (clip.mixed_precision, clip.lr) == ("bf16", 1e-4)
     assert clip.prompts == load_section("train_clip", PARAMS).prompts
     assert load_section("synthesize", path).batch_size < load_section(
@@ -173,11 +172,10 @@ def test_tiny_and_hub_profiles_differ_only_in_the_base_and_the_sizes():
     allowed = {
         "base_models.clip", "base_models.sd",
         "train_clip.epochs", "train_clip.patience", "train_clip.batch_size", "train_clip.lr",
-        "train_clip.mixed_precision", "train_clip.lora.target_modules",
-        "train_clip.lora.modules_to_save",
+        "train_clip.mixed_precision",
         "sd_lora.resolution", "sd_lora.batch_size", "sd_lora.mixed_precision", "sd_lora.lr",
-        "sd_lora.steps", "sd_lora.warmup_steps", "sd_lora.checkpoint_every",
-        "sd_lora.sample_every", "sd_lora.domain.enabled",
+        "sd_lora.epochs", "sd_lora.warmup_steps", "sd_lora.checkpoint_every",
+        "sd_lora.sample_every",
         "synthesize.batch_size",
     }
     assert leaves(hub) <= allowed, leaves(hub) - allowed
@@ -198,11 +196,11 @@ def write_profile(tmp_path: Path, profile: str, edit=lambda r: None) -> Path:
          "unknown profile 'gpu' in key profile (known in profiles: "),
         (lambda r: r["profiles"]["hub"]["sd_lora"].update(stepz=3),
          "unknown key profiles.hub.sd_lora.stepz"),
-        (lambda r: r["profiles"]["hub"]["sd_lora"]["domain"].update(enabld=False),
-         "unknown key profiles.hub.sd_lora.domain.enabld"),
+        (lambda r: r["profiles"]["hub"].update(train_clip={"lora": {"rank": 4}}),
+         "unknown key profiles.hub.train_clip.lora.rank"),
         (lambda r: r["profiles"]["hub"].update(sdlora={}), "unknown section profiles.hub.sdlora"),
-        (lambda r: r["profiles"]["hub"]["sd_lora"].update(steps="many"),
-         "profiles.hub.sd_lora.steps must be int, got str 'many'"),
+        (lambda r: r["profiles"]["hub"]["sd_lora"].update(batch_size="many"),
+         "profiles.hub.sd_lora.batch_size must be int, got str 'many'"),
         (lambda r: r["profiles"]["hub"]["sd_lora"].update(base_dir="elsewhere"),
          "profiles.hub.sd_lora.base_dir: a profile cannot move a path"),
         (lambda r: r["profiles"]["hub"].update(variants={}), "profiles.hub.variants: dvc.yaml"),
@@ -223,8 +221,8 @@ def test_a_typo_in_the_profile_not_chosen_fails_too(tmp_path):
         load_section("train_clip", path)
 
 
-def hub_sd(r):
-    r["base_models"]["sd"]["source"] = HUB_ID_SD
+RANDOM = ["patch_embedding", "position_embedding", "pre_layrnorm", "visual_projection"]
+
 
 
 def hub_clip(r):
@@ -234,21 +232,19 @@ def hub_clip(r):
 @pytest.mark.parametrize(
     ("profile", "edit", "keys"),
     [
-        # the tiny profile with only the SD id changed, as the old docs said to do
-        ("tiny", hub_sd, ["sd_lora.domain.enabled is true",
-                          f"base_models.sd.source is '{HUB_ID_SD}'"]),
-        ("hub", lambda r: r["profiles"]["hub"]["sd_lora"]["domain"].update(enabled=True),
-         ["sd_lora.domain.enabled is true", "base_models.sd.source", "(profile: hub)"]),
-        # a local folder is a pretrained base too
-        ("tiny", lambda r: (r["base_models"]["sd"].update(source="/bases/sd"),
-                            r["sd_lora"]["domain"].update(enabled=True)),
-         ["sd_lora.domain.enabled", "base_models.sd.source is '/bases/sd'"]),
-        ("tiny", hub_clip, ["train_clip.lora.modules_to_save trains patch_embedding, "
-                            "position_embedding, pre_layrnorm",
-                            "base_models.clip.source is 'openai/clip-vit-base-patch16'"]),
-        ("hub", lambda r: r["profiles"]["hub"]["train_clip"]["lora"].update(
-            modules_to_save=["pre_layrnorm", "visual_projection"]),
+        # a random-init stem trained fully on a pretrained base: the hub's, a local
+        # folder's, or the shipped tiny one's
+        ("tiny", lambda r: (hub_clip(r), r["train_clip"]["lora"].update(modules_to_save=RANDOM)),
+         ["train_clip.lora.modules_to_save trains patch_embedding, position_embedding, "
+          "pre_layrnorm", "base_models.clip.source is 'openai/clip-vit-base-patch16'"]),
+        ("tiny", lambda r: r["train_clip"]["lora"].update(modules_to_save=RANDOM),
+         ["train_clip.lora.modules_to_save trains patch_embedding", "source is 'tiny'"]),
+        ("hub", lambda r: r["profiles"]["hub"].update(train_clip={"lora": {
+            "modules_to_save": ["pre_layrnorm", "visual_projection"]}}),
          ["train_clip.lora.modules_to_save trains pre_layrnorm fully"]),
+        ("tiny", lambda r: (r["base_models"]["sd"].update(source="tiny-random"),
+                            r["sd_lora"].update(resolution=128)),
+         ["sd_lora.resolution is 128", "source is 'tiny-random'"]),
         ("tiny", lambda r: r["sd_lora"].update(resolution=512),
          ["sd_lora.resolution is 512 but base_models.tiny_sd.resolution is 64"]),
         ("hub", lambda r: r["profiles"]["hub"]["base_models"]["sd"].update(source="tiny"),
@@ -281,15 +277,16 @@ def test_both_shipped_profiles_are_consistent(tmp_path):
 
 def test_write_relocated_switches_and_merges_profiles(tmp_path):
     path = write_relocated(tmp_path, PARAMS, profile="hub",
-                           profiles={"hub": {"sd_lora": {"steps": 3, "domain": {"vae_steps": 2}},
+                           profiles={"hub": {"sd_lora": {"epochs": 3, "lora": {"r": 2}},
                                              "prepare": {"seed": 5}}},
-                           sd_lora={"steps": 7})
+                           sd_lora={"epochs": 7})
     raw = yaml.safe_load(path.read_text())
     assert raw["profile"] == "hub"
     hub = raw["profiles"]["hub"]
     assert hub["sd_lora"]["resolution"] == 512  # merged into, not replaced
-    assert hub["sd_lora"]["domain"] == {"enabled": False, "vae_steps": 2}
+    assert hub["sd_lora"]["lora"] == {"r": 2}
     sd = load_section("sd_lora", path)
-    assert sd.steps == 3  # the profile's value wins over the section's
+    assert sd.epochs == 3  # the profile's value wins over the section's
+    assert (sd.lora.r, sd.lora.alpha) == (2, 16)  # a nested override merges
     assert sd.base_dir == str(tmp_path / "models/base/sd")  # relocated
     assert load_section("prepare", path).seed == 5

@@ -18,7 +18,7 @@ import yaml
 from conftest import BIN, ROOT, SERVER_ENV, copy_project, free_port, stop, wait_http
 
 PROJECT_FILES = ["dvc.yaml", "dvc.lock", "params.yaml", "data.dvc", ".dvcignore", ".gitignore",
-                 "src", "sample"]
+                 "src", "sample", "bases"]
 
 
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -43,8 +43,7 @@ def project(tmp_path_factory) -> Path:
     raw["train_clip"] |= {"epochs": 3}
     raw["evaluate"] |= {"bootstrap": 100}
     raw["train_clip"]["lora"] |= {"r": 8, "alpha": 8}
-    raw["sd_lora"] |= {"steps": 20, "batch_size": 16, "sample_every": 10}
-    raw["sd_lora"]["domain"] |= {"vae_steps": 20, "unet_steps": 30}
+    raw["sd_lora"] |= {"epochs": 2, "batch_size": 16, "sample_every": 10}
     raw["synthesize"] |= {"probe_per_class": 8}
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     run("git", "init", "-q", cwd=dest)

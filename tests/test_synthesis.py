@@ -20,6 +20,8 @@ from PIL import Image
 
 from pneumoclip.config import load_section
 from pneumoclip.diffusion import LORA_FILE, META_FILE, generate, lora_sha256
+from pneumoclip.prepare import read_index
+from pneumoclip.sd_lora import epoch_steps
 from pneumoclip.synthesize import (
     MANIFEST,
     SynthesizeError,
@@ -31,12 +33,10 @@ from pneumoclip.synthesize import (
     work_key,
 )
 
-# A few steps of every phase: enough to exercise them, quick on a CPU.
-QUICK_SD = {"batch_size": 8, "steps": 12, "checkpoint_every": 4, "sample_every": 6,
-            "sample_per_class": 2, "sample_steps": 4,
-            "domain": {"enabled": True, "caption": "a chest x-ray", "vae_steps": 8,
-                       "vae_lr": 0.002, "vae_kl_weight": 1e-6, "unet_steps": 12,
-                       "unet_lr": 0.001}}
+# A few steps of every adapter (about 10 on the sample's classes): enough to exercise them,
+# quick on a CPU.
+QUICK_SD = {"batch_size": 8, "epochs": 1.0, "checkpoint_every": 4, "sample_every": 6,
+            "sample_per_class": 2, "sample_steps": 4}
 
 
 NEGATIVE = "a chest x-ray of bacterial pneumonia"
@@ -83,9 +83,13 @@ def differ(a: Image.Image, b: Image.Image) -> bool:
     return np.abs(np.asarray(a, float) - np.asarray(b, float)).max() > 0
 
 
-def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd):
+def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd, trained):
     meta = json.loads((sd["lora"] / META_FILE).read_text())
-    assert meta["per_class"] and meta["base_in_lora_dir"] and (sd["lora"] / "base/unet").is_dir()
+    assert meta["per_class"] and not (sd["lora"] / "base").exists()  # LoRA only
+    train = [r for r in read_index(trained["root"] / "artifacts/prepared/index.csv")
+             if r["split"] == "train"]
+    assert meta["steps"] == {c: epoch_steps(1.0, sum(r["label"] == c for r in train), 8)
+                             for c in ("NORMAL", "BACTERIA", "VIRUS")}  # one epoch each
     assert meta["adapters"] == {c: f"lora_{c}.safetensors" for c in ("NORMAL", "BACTERIA", "VIRUS")}
     for file in meta["adapters"].values():
         assert_diffusers_lora(sd["lora"] / file)
@@ -104,10 +108,11 @@ def test_lora_saves_in_diffusers_format_and_loads_back_into_a_pipeline(sd):
 
 
 def test_one_shared_lora_for_all_classes_when_per_class_is_off(tmp_path, trained):
-    params = sd_params(tmp_path, trained, per_class=False, domain=QUICK_SD["domain"] | {
-        "vae_steps": 4, "unet_steps": 4})
+    params = sd_params(tmp_path, trained, per_class=False, epochs=0.25)
     out = cli("sd-lora", "--params", str(params))
-    assert "1 LoRA adapter(s), 12 steps each" in out.stdout
+    train = [r for r in read_index(trained["root"] / "artifacts/prepared/index.csv")
+             if r["split"] == "train"]
+    assert f"1 LoRA adapter(s), steps lora {epoch_steps(0.25, len(train), 8)}," in out.stdout
     meta = json.loads((tmp_path / "sd-lora" / META_FILE).read_text())
     assert meta["adapters"] == dict.fromkeys(("NORMAL", "BACTERIA", "VIRUS"), LORA_FILE)
     assert sorted(p.name for p in (tmp_path / "sd-lora").glob("*.safetensors")) == [LORA_FILE]
@@ -161,7 +166,7 @@ def kill_at_checkpoint(cmd: list[str], ckpt_root: Path, phase: str) -> None:
 
 
 # the second adapter's phase: the first one, finished before the kill, must survive it
-@pytest.mark.parametrize("phase", ["unet", "lora_BACTERIA"])
+@pytest.mark.parametrize("phase", ["lora_NORMAL", "lora_BACTERIA"])
 def test_an_interrupted_run_resumes_and_ends_where_an_unbroken_one_does(
     sd, trained, tmp_path, phase
 ):
@@ -187,7 +192,7 @@ def test_an_interrupted_run_resumes_and_ends_where_an_unbroken_one_does(
 
     meta = json.loads((tmp_path / "sd-lora" / META_FILE).read_text())
     history = MlflowClient().get_metric_history(meta["run_id"], "lora_VIRUS_loss")
-    assert history[-1].step == QUICK_SD["steps"]
+    assert history[-1].step == meta["steps"]["VIRUS"]
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """`base_models` stage: put the SD and CLIP bases into `models/base/{sd,clip}`.
 
 Each is a Hugging Face repo id (downloaded once, then saved locally), a local folder in
-`save_pretrained` / hub layout (loaded by the very same `from_pretrained` calls), or the built-in
-`tiny` architecture: the real classes (CLIPModel, UNet2DConditionModel, AutoencoderKL,
-CLIPTextModel, CLIPTokenizer), random-init from a seed and small enough for a CPU. Either
-way it is saved in `save_pretrained` form, so every later stage loads it with the same
-`from_pretrained` call it would use for a hub model.
+`save_pretrained` / hub layout, or `tiny`: the shipped pretrained tiny bases in `tiny_dir`
+(made by `pneumoclip pretrain`). All three load through the very same `from_pretrained`
+calls, in float32. `tiny-random` builds the tiny architecture instead, random-init from a
+seed, for unit tests: the real classes (CLIPModel, UNet2DConditionModel, AutoencoderKL,
+CLIPTextModel, CLIPTokenizer), small enough for a CPU. Every base is saved in
+`save_pretrained` form, so every later stage loads it as it would a hub model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from pneumoclip.config import BaseModelSource, BaseModelsParams, TinyClip, TinySD
+from pneumoclip.config import (
+    TINY,
+    TINY_RANDOM,
+    BaseModelSource,
+    BaseModelsParams,
+    TinyClip,
+    TinySD,
+)
 from pneumoclip.fsutil import atomic_dir
 
 # Words the tiny tokenizer learns as whole tokens. Any other text still tokenizes (down to
@@ -231,7 +239,8 @@ def fetch_hub_clip(source: BaseModelSource, out: Path) -> None:
     from transformers import CLIPModel, CLIPProcessor
 
     revision = _revision(source)
-    CLIPModel.from_pretrained(source.source, revision=revision).save_pretrained(out)
+    model = CLIPModel.from_pretrained(source.source, revision=revision, dtype=torch.float32)
+    model.save_pretrained(out)
     CLIPProcessor.from_pretrained(source.source, revision=revision).save_pretrained(out)
 
 
@@ -241,7 +250,7 @@ def fetch_hub_sd(source: BaseModelSource, out: Path) -> None:
 
     pipeline = StableDiffusionPipeline.from_pretrained(
         source.source, revision=_revision(source), safety_checker=None,
-        requires_safety_checker=False,
+        requires_safety_checker=False, dtype=torch.float32,
     )
     pipeline.save_pretrained(out)
 
@@ -256,17 +265,28 @@ def build_base_models(params: BaseModelsParams) -> None:
         for name, source in (("clip", params.clip), ("sd", params.sd)):
             target = out / name
             target.mkdir()
-            if source.source == "tiny":
-                print(f"base_models: building tiny {name} from seed {params.seed}")
+            if source.source == TINY_RANDOM:
+                print(f"base_models: building random-init tiny {name} from seed {params.seed}")
                 if name == "clip":
                     build_tiny_clip(params.tiny_clip, params.seed, target)
                 else:
                     build_tiny_sd(params.tiny_sd, params.seed, target)
+            elif source.source == TINY:
+                shipped = Path(params.tiny_dir) / name
+                if not shipped.is_dir():
+                    raise FileNotFoundError(
+                        f"base_models: no pretrained tiny {name} in {shipped}; make it with "
+                        f"`pneumoclip pretrain` (docs/pipeline.md) or use {TINY_RANDOM!r}")
+                print(f"base_models: installing the pretrained tiny {name} from {shipped}")
+                folder = BaseModelSource(source=str(shipped), revision=source.revision)
+                (fetch_hub_clip if name == "clip" else fetch_hub_sd)(folder, target)
             else:
                 where = ("folder " + source.source if is_folder(source)
                          else f"{source.source}@{source.revision}")
                 print(f"base_models: loading {name} from {where}")
                 (fetch_hub_clip if name == "clip" else fetch_hub_sd)(source, target)
-            (target / "pneumoclip_source.json").write_text(
-                json.dumps({"source": source.source, "revision": source.revision}, indent=2)
-            )
+            record = {"source": source.source, "revision": source.revision}
+            if source.source == TINY:  # which pretraining made it
+                manifest = json.loads((Path(params.tiny_dir) / "manifest.json").read_text())
+                record["pretrain_images_sha256"] = manifest["images_sha256"]
+            (target / "pneumoclip_source.json").write_text(json.dumps(record, indent=2))

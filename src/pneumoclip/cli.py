@@ -63,6 +63,36 @@ def prepare_cmd(params_path: str, data_dir: str | None, out_dir: str | None) -> 
     )
 
 
+@main.command("pretrain")
+@params_option
+@click.option("--index", required=True, type=click.Path(dir_okay=False),
+              help="A prepare index.csv of the images to pretrain on.")
+@click.option("--splits", default="train", show_default=True,
+              help="Comma-separated splits of the index to use (a benchmark: train only).")
+@click.option("--exclude", multiple=True, type=click.Path(file_okay=False),
+              help="A Kermany-layout folder whose patients and images are left out "
+                   "(the bundled sample, for the shipped bases). Repeatable.")
+@click.option("--out-dir", default=None, help="Override pretrain.out_dir.")
+@click.option("--only", type=click.Choice(["clip", "sd"]), default=None,
+              help="Pretrain one base; the other is kept from out_dir.")
+def pretrain_cmd(params_path: str, index: str, splits: str, exclude: tuple[str, ...],
+                 out_dir: str | None, only: str | None) -> None:
+    """Pretrain the tiny CLIP and SD into bases/tiny/, which `source: tiny` installs."""
+    import dataclasses
+
+    from pneumoclip.pretrain import PretrainError, pretrain
+
+    params = section("pretrain", params_path)
+    if out_dir:
+        params = dataclasses.replace(params, out_dir=out_dir)
+    try:
+        pretrain(params, section("base_models", params_path), section("sd_lora", params_path),
+                 index, [s.strip() for s in splits.split(",") if s.strip()], list(exclude),
+                 (only,) if only else ("clip", "sd"))
+    except PretrainError as err:
+        raise click.ClickException(str(err)) from err
+
+
 @main.command("train-clip")
 @params_option
 @click.option("--variant", required=True, help="A key of the variants section (real, control).")
@@ -98,7 +128,8 @@ def sd_lora_cmd(params_path: str) -> None:
     if meta is None:  # not the main process of a multi-process run
         return
     adapters = len(set(meta["adapters"].values()))
-    click.echo(f"sd_lora: {adapters} LoRA adapter(s), {meta['steps']} steps each, final loss "
+    steps = ", ".join(f"{a} {n}" for a, n in meta["steps"].items())
+    click.echo(f"sd_lora: {adapters} LoRA adapter(s), steps {steps}, final loss "
                f"{meta['final_loss']:.4f}, {meta['train_seconds']:.0f} s; "
                f"MLflow run {meta['run_id']}")
 

@@ -69,7 +69,9 @@ class TinySD:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BaseModelSource:
-    """`tiny` builds the built-in architecture; anything else is a Hugging Face repo id."""
+    """`tiny`: the shipped pretrained tiny base (`tiny_dir`); `tiny-random`: the tiny
+    architecture, random-init from the seed (unit tests); a local folder in hub layout; or
+    anything else, a Hugging Face repo id."""
 
     source: str
     revision: str
@@ -79,6 +81,7 @@ class BaseModelSource:
 class BaseModelsParams:
     seed: int
     out_dir: str = path()
+    tiny_dir: str = path()  # the shipped pretrained tiny bases (`pneumoclip pretrain` output)
     clip: BaseModelSource
     sd: BaseModelSource
     tiny_clip: TinyClip
@@ -154,25 +157,6 @@ class SdLoraAdapter:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DomainPretrain:
-    """Tiny profile only: teach the random-init VAE and UNet what an X-ray looks like first.
-
-    A pretrained hub base already knows images; set `enabled: false` for one.
-    """
-
-    enabled: bool
-    # A random-init text path has no conditioning at all; with class_captions the tiny UNet
-    # learns it here from the class captions, else from `caption` alone (no class signal).
-    class_captions: bool
-    caption: str
-    vae_steps: int
-    vae_lr: float
-    vae_kl_weight: float
-    unet_steps: int
-    unet_lr: float
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class SdLoraParams:
     base_dir: str = path()
     index: str = path()
@@ -184,7 +168,9 @@ class SdLoraParams:
     grad_accum: int
     mixed_precision: str
     lr: float
-    steps: int
+    # passes over each adapter's images: steps = ceil(epochs x images / global batch), so a
+    # small set trains briefly and the full set fully
+    epochs: float
     warmup_steps: int
     balance: bool  # class-balanced batches, so minority classes are learnt as well
     per_class: bool  # one adapter per class on its own images; false: one shared
@@ -197,8 +183,47 @@ class SdLoraParams:
     sample_steps: int
     sample_guidance: float
     lora: SdLoraAdapter
-    domain: DomainPretrain
     captions: dict[str, list[str]]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainClip:
+    """Contrastive image-caption pretraining of the whole tiny CLIP, from random init."""
+
+    epochs: int
+    patience: int  # epochs without a zero-shot val macro-F1 gain
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_epochs: int
+    augment: AugmentParams
+    captions: dict[str, list[str]]  # per class; also the zero-shot prompts that pick the epoch
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainSD:
+    """The tiny VAE as an autoencoder, then the whole tiny UNet with class captions."""
+
+    batch_size: int
+    vae_steps: int
+    vae_lr: float
+    vae_kl_weight: float
+    unet_steps: int
+    unet_lr: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PretrainParams:
+    """`pneumoclip pretrain`: the shipped tiny bases (not a stage of dvc.yaml: its output is
+    committed, and `base_models` installs it)."""
+
+    out_dir: str = path()
+    checkpoint_dir: str = path()
+    seed: int
+    val_fraction: float  # of the pretraining patients, held out to pick the CLIP epoch
+    mixed_precision: str
+    clip: PretrainClip
+    sd: PretrainSD
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -281,6 +306,7 @@ SECTIONS: dict[str, Any] = {
     "evaluate": EvaluateParams,
     "register": RegisterParams,
     "serve": ServeParams,
+    "pretrain": PretrainParams,
 }
 
 
@@ -390,10 +416,12 @@ def _check_override(tp: Any, value: Any, where: str) -> None:
 
 # ---------------------------------------------------------------- consistency
 
-TINY = "tiny"
+TINY = "tiny"  # the shipped pretrained tiny bases
+TINY_RANDOM = "tiny-random"  # the tiny architecture, random-init (unit tests)
+TINY_SOURCES = (TINY, TINY_RANDOM)
 MIXED_PRECISION = ("no", "fp16", "bf16")
-# The tiny CLIP is random-init, so its stem must be trained fully; a pretrained tower's stem
-# is what LoRA builds on, and replacing it with a fully trained copy throws that away.
+# Only a random-init CLIP needs its stem trained fully; a pretrained tower's stem (the
+# shipped tiny one's too) is what LoRA builds on, and a fully trained copy throws that away.
 RANDOM_STEM = ("patch_embedding", "position_embedding", "pre_layrnorm")
 
 
@@ -411,27 +439,22 @@ def check_consistency(raw: dict) -> None:
     clip_source = (base.get("clip") or {}).get("source")
     sd = raw.get("sd_lora") or {}
     clip = raw.get("train_clip") or {}
-    domain = (sd.get("domain") or {}).get("enabled")
-    if domain is True and sd_source not in (None, TINY):
-        problems.append(
-            f"sd_lora.domain.enabled is true but base_models.sd.source is {sd_source!r}: "
-            "domain pretraining is for the random-init tiny base only and would overwrite a "
-            "pretrained UNet and VAE; set sd_lora.domain.enabled: false (profile: hub does)")
     saved = (clip.get("lora") or {}).get("modules_to_save") or []
     stem = [m for m in saved if isinstance(m, str) and m.split(".")[-1] in RANDOM_STEM]
-    if stem and clip_source not in (None, TINY):
+    if stem and clip_source not in (None, TINY_RANDOM):
         problems.append(
             f"train_clip.lora.modules_to_save trains {', '.join(stem)} fully, which only the "
-            f"random-init tiny CLIP needs, but base_models.clip.source is {clip_source!r}: "
-            "drop them (profile: hub saves visual_projection only)")
+            f"random-init CLIP ({TINY_RANDOM}) needs, but base_models.clip.source is "
+            f"{clip_source!r}, a pretrained base: drop them (the default saves "
+            "visual_projection only)")
     tiny_res = (base.get("tiny_sd") or {}).get("resolution")
     res = sd.get("resolution")
-    if sd_source == TINY and None not in (res, tiny_res) and res != tiny_res:
+    if sd_source in TINY_SOURCES and None not in (res, tiny_res) and res != tiny_res:
         problems.append(
             f"sd_lora.resolution is {res} but base_models.tiny_sd.resolution is {tiny_res} "
-            "and base_models.sd.source is 'tiny': the tiny base is built for its own "
+            f"and base_models.sd.source is {sd_source!r}: the tiny base is built for its own "
             "resolution; make them equal")
-    for section in ("train_clip", "sd_lora"):
+    for section in ("train_clip", "sd_lora", "pretrain"):
         mp = (raw.get(section) or {}).get("mixed_precision")
         if mp is not None and mp not in MIXED_PRECISION:
             problems.append(f"{section}.mixed_precision is {mp!r}: one of "

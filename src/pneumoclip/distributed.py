@@ -26,6 +26,17 @@ class DistributedError(RuntimeError):
     """The processes disagree (their weights drifted apart)."""
 
 
+def update(accelerator, loss: torch.Tensor, optimizer, schedule) -> float:
+    """One training step after the forward: backward (where DDP averages the gradients, and
+    accelerate scales fp16 ones), the optimizer and schedule steps, the gradients cleared.
+    Returns the loss as a number."""
+    accelerator.backward(loss)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+    return loss.item()
+
+
 def accelerator(mixed_precision: str, grad_accum: int = 1):
     """accelerate's Accelerator for a training stage: the accelerator's device when there is
     one; without, the CPU, and a run launched on N processes is MULTI_CPU over gloo

@@ -8,13 +8,9 @@ projections (peft), class captions from params, and some captions dropped so the
 can use classifier-free guidance. By default each class gets its own adapter, trained on that
 class's images only (`per_class`); `per_class: false` trains one adapter for all classes.
 
-Tiny profile only: a random-init VAE and UNet know nothing about images, and a LoRA on top
-of them cannot learn what an X-ray looks like. `domain` pretraining first trains the tiny
-VAE as an autoencoder and then the whole tiny UNet on every training image; only then is
-the class LoRAs fitted. The random text path gives the UNet no text conditioning to build
-on, so by default the UNet learns it here from the class captions (`class_captions`); with
-one generic caption instead, a 400-step LoRA did not learn the classes
-(docs/experiments.md). A hub base skips all of this (`domain.enabled: false`).
+Only the LoRA trains, on a pretrained base: a hub one, or the shipped tiny one (`pneumoclip
+pretrain` made it, with this module's training loop). Each adapter trains for `epochs`
+passes over its images, so the sample's run is short and the full set's run is full.
 
 Every phase checkpoints every `checkpoint_every` steps into `checkpoint_dir` (outside the
 DVC output, which DVC deletes before a run). A rerun with the same inputs resumes from the
@@ -32,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import random
 import shutil
 import time
@@ -76,6 +73,11 @@ def load_images(paths: list[str], resolution: int, desc: str) -> torch.Tensor:
         image = read_image(path).resize((resolution, resolution), Image.Resampling.BICUBIC)
         out[i] = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
     return out / 127.5 - 1.0
+
+
+def epoch_steps(epochs: float, images: int, batch: int) -> int:
+    """Steps that make `epochs` passes over `images` at `batch` images a step."""
+    return max(1, math.ceil(epochs * images / batch))
 
 
 def step_generator(seed: int, phase: int, step: int) -> torch.Generator:
@@ -188,18 +190,17 @@ class ResumeState:
     model: dict  # the phase's model state_dict
     optimizer: dict
     schedule: dict
-    vae: dict | None = None  # the finished domain VAE, saved while the UNet trains
+    vae: dict | None = None  # a finished VAE (pretrain), saved while the UNet trains
     scaling_factor: float | None = None
     final_losses: dict | None = None  # per adapter, of the LoRA phases already finished
 
 
 class Checkpoints:
-    """`checkpoint_dir/KEY/`: the state of the current phase, and the finished domain base."""
+    """`checkpoint_dir/KEY/`: the state of the current phase."""
 
     def __init__(self, root: str, key: str):
         self.dir = Path(root) / key
         self.state_file = self.dir / "state.pt"
-        self.base_dir = self.dir / "domain_base"
 
     def load(self) -> ResumeState | None:
         """The saved state, or None; an unreadable one is set aside (kept for a look), not
@@ -299,24 +300,12 @@ def train_sd_lora(params: SdLoraParams) -> dict | None:
             tracking.log_dataset(mlflow, rows, "kermany-train", tracking.dvc_hash(), "training")
         trainer = Trainer(params, accelerator, ckpt, run.info.run_id if main else None, mlflow,
                           classes)
-        lora_base = params.base_dir
-        done = state.done if state else []
         device = accelerator.device
-        if params.domain.enabled:
-            if "unet" not in done:
-                parts = load_parts(params.base_dir, params.resolution, device)
-                trainer.train_vae(parts, images, state)
-                trainer.train_domain_unet(parts, images, labels, state)
-                if main:
-                    save_domain_base(parts, ckpt.base_dir)
-                accelerator.wait_for_everyone()
-                state = None
-            lora_base = ckpt.base_dir
-        parts = load_parts(lora_base, params.resolution, device)
+        parts = load_parts(params.base_dir, params.resolution, device)
         summary = trainer.train_lora(parts, images, labels, state)
         distributed.in_sync(accelerator, parts.unet, "sd_lora")
         summary["train_seconds"] = time.perf_counter() - started
-        meta = save_outputs(params, trainer, parts, ckpt, summary, run, mlflow) if main else None
+        meta = save_outputs(params, trainer, parts, summary, run, mlflow) if main else None
     finally:
         if run is not None:
             mlflow.end_run()
@@ -326,21 +315,17 @@ def train_sd_lora(params: SdLoraParams) -> dict | None:
     return meta
 
 
-def save_outputs(params: SdLoraParams, trainer, parts: Parts, ckpt: Checkpoints,
+def save_outputs(params: SdLoraParams, trainer, parts: Parts,
                  summary: dict, run, mlflow) -> dict:
-    """The adapters (and the tiny profile's domain base), their metadata and a final sample
-    grid, written to `out_dir` in one move and logged to the MLflow run."""
+    """The adapters, their metadata and a final sample grid, written to `out_dir` in one
+    move and logged to the MLflow run."""
     classes = list(params.captions)
     files = {c: lora_file(a) for c, a in adapters(params).items()}
     with atomic_dir(params.out_dir) as out:
         for adapter in dict.fromkeys(adapters(params).values()):
             save_lora(parts.unet, out, adapter)
-        if params.domain.enabled:
-            shutil.copytree(ckpt.base_dir, out / "base")
         meta = {
-            "base": "base" if params.domain.enabled else params.base_dir,
-            "base_in_lora_dir": params.domain.enabled,
-            "classes": classes, "captions": params.captions,
+            "base": params.base_dir, "classes": classes, "captions": params.captions,
             "resolution": params.resolution, "lora": dataclasses.asdict(params.lora),
             "per_class": params.per_class, "adapters": files,
             "lora_sha256": lora_sha256(out, files.values()), "run_id": run.info.run_id,
@@ -352,21 +337,6 @@ def save_outputs(params: SdLoraParams, trainer, parts: Parts, ckpt: Checkpoints,
     mlflow.log_metric("train_seconds", summary["train_seconds"])
     mlflow.log_artifact(str(Path(params.out_dir) / META_FILE))
     return meta
-
-
-def save_domain_base(parts: Parts, out: Path) -> None:
-    """The domain-pretrained tiny pipeline, kept in the checkpoint folder until the end."""
-    from diffusers import StableDiffusionPipeline
-
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline(
-        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-        unet=parts.unet, scheduler=parts.noise_scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def save_lora(unet, out: Path, adapter: str) -> None:
@@ -385,8 +355,8 @@ class Trainer:
     """Runs the phases, each with its checkpoints, progress bar and MLflow curve."""
 
     def __init__(self, params: SdLoraParams, accelerator, ckpt: Checkpoints, run_id: str,
-                 mlflow, classes: list[str]):
-        self.params, self.accelerator, self.ckpt = params, accelerator, ckpt
+                 mlflow, classes: list[str], who: str = "sd_lora"):
+        self.params, self.accelerator, self.ckpt, self.who = params, accelerator, ckpt, who
         self.run_id, self.mlflow, self.classes = run_id, mlflow, classes
         self.main = accelerator.is_main_process  # it alone logs, samples and checkpoints
         self.part = (accelerator.process_index, accelerator.num_processes)
@@ -414,17 +384,13 @@ class Trainer:
             start, losses = state.step, state.losses
         objective, optimizer = self.accelerator.prepare(Objective(model, loss_fn), optimizer)
         objective.train()
-        bar = tqdm(range(start, steps), desc=f"sd_lora: {phase}", unit="step",
+        bar = tqdm(range(start, steps), desc=f"{self.who}: {phase}", unit="step",
                    initial=start, total=steps, disable=None if self.main else True)
         for step in bar:
             gen = step_generator(params.seed, self.phases.index(phase), step)
             with self.accelerator.accumulate(objective), self.accelerator.autocast():
                 loss = objective(gen)
-                self.accelerator.backward(loss)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
+                losses.append(distributed.update(self.accelerator, loss, optimizer, schedule))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", refresh=False)
             done = step + 1
             if not self.main:
@@ -443,37 +409,8 @@ class Trainer:
         objective.eval()
         final = float(np.mean(losses[-20:])) if losses else float("nan")
         if self.main:  # one line a phase
-            print(f"sd_lora: {phase} {steps} steps, loss {final:.4f} (rank 0's)", flush=True)
+            print(f"{self.who}: {phase} {steps} steps, loss {final:.4f} (rank 0's)", flush=True)
         return final
-
-    def train_vae(self, parts: Parts, images: torch.Tensor, state) -> None:
-        cfg, vae = self.params.domain, parts.vae
-        if state and state.phase != "vae":  # the VAE finished before the interruption
-            vae.load_state_dict(state.vae)
-            vae.register_to_config(scaling_factor=state.scaling_factor)
-            return
-
-        def loss_fn(vae, gen):  # the global batch drawn, this rank's slice trained
-            x = images[torch.randint(len(images), (self.global_batch,), generator=gen)]
-            x = local(x, *self.part).to(vae.device)
-            posterior = vae.encode(x).latent_dist
-            eps = torch.randn((self.global_batch, *posterior.mean.shape[1:]), generator=gen)
-            z = posterior.mean + posterior.std * local(eps, *self.part).to(vae.device)
-            recon = vae.decode(z).sample
-            return F.l1_loss(recon, x.to(recon)) + cfg.vae_kl_weight * posterior.kl().mean()
-
-        vae.requires_grad_(True)
-        loss = self.loop("vae", cfg.vae_steps, vae, list(vae.parameters()), cfg.vae_lr,
-                         loss_fn, state)
-        vae.requires_grad_(False)
-        # SD's scaling factor makes latents unit-variance; measure it on our data
-        with torch.no_grad():
-            z = torch.cat([vae.encode(images[i : i + 256].to(vae.device)).latent_dist.mean.cpu()
-                           for i in range(0, len(images), 256)])
-        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
-        if self.main:
-            self.mlflow.log_metrics({"vae_final_l1": loss,
-                                     "vae_scaling_factor": vae.config.scaling_factor})
 
     def latents(self, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and std of every image, once; each step samples from them."""
@@ -531,17 +468,6 @@ class Trainer:
             self.mlflow.log_metric(f"{phase}_final_loss", loss)
         return loss
 
-    def train_domain_unet(self, parts: Parts, images, labels, state) -> None:
-        cfg, unet = self.params.domain, parts.unet
-        unet.requires_grad_(True)
-        self.diffusion_phase(
-            "unet", parts, images, labels, cfg.unet_steps, cfg.unet_lr, list(unet.parameters()),
-            None if cfg.class_captions else cfg.caption, state,
-            extra_state={"vae": parts.vae.state_dict(),
-                         "scaling_factor": parts.vae.config.scaling_factor},
-        )
-        unet.requires_grad_(False)
-
     def train_lora(self, parts: Parts, images, labels, state) -> dict:
         """Each adapter on its classes' images: one per class, or one shared by all."""
         from peft import LoraConfig
@@ -560,24 +486,25 @@ class Trainer:
                 unet.add_adapter(copy.deepcopy(config), adapter_name=name)
         done = state.done if state else []
         final = dict(state.final_losses or {}) if state else {}
-        sizes = {}
+        sizes, steps = {}, {}
         for name in names:
             members = [self.classes.index(c) for c, a in self.adapters.items() if a == name]
             trainable = self.activate(unet, name)
             sizes[name] = sum(p.numel() for p in trainable)
             phase = lora_phase(name)
+            keep = torch.isin(labels, torch.tensor(members))
+            steps[name] = epoch_steps(params.epochs, int(keep.sum()), self.global_batch)
             if phase in done:  # trained before the interruption; the checkpoint holds it
                 continue
-            keep = torch.isin(labels, torch.tensor(members))
             final[name] = self.diffusion_phase(
-                phase, parts, images[keep], labels[keep], params.steps, params.lr, trainable,
+                phase, parts, images[keep], labels[keep], steps[name], params.lr, trainable,
                 None, state, extra_state={"final_losses": dict(final)},
             )
         if self.main:
             self.mlflow.log_metric("lora_params", sum(sizes.values()))
         return {"final_loss": float(np.mean(list(final.values()))), "final_losses": final,
-                "lora_params": sum(sizes.values()), "steps": params.steps,
-                "adapter_steps": params.steps * len(names)}
+                "lora_params": sum(sizes.values()), "steps": steps,
+                "adapter_steps": sum(steps.values())}
 
     @staticmethod
     def activate(unet, name: str) -> list:

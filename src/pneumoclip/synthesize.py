@@ -157,12 +157,11 @@ def load_pipeline(params: SynthesizeParams, meta: dict, device):
     import diffusers
 
     lora_dir = Path(params.lora_dir)
-    base = lora_dir / "base" if meta["base_in_lora_dir"] else Path(params.base_dir)
     if params.scheduler not in SCHEDULERS:
         raise SynthesizeError(f"synthesize.scheduler must be one of {', '.join(SCHEDULERS)}, "
                               f"got {params.scheduler!r}")
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        str(base), safety_checker=None, requires_safety_checker=False
+        params.base_dir, safety_checker=None, requires_safety_checker=False
     )
     scheduler_cls = getattr(diffusers, SCHEDULERS[params.scheduler])
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)

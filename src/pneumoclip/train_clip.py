@@ -42,7 +42,7 @@ from pneumoclip.classifier import (
     read_image,
     tokenize_prompts,
 )
-from pneumoclip.config import AugmentParams, TrainClipParams, VariantParams
+from pneumoclip.config import TINY_SOURCES, AugmentParams, TrainClipParams, VariantParams
 from pneumoclip.distributed import Objective, in_sync, local
 from pneumoclip.fsutil import atomic_dir, content_key, load_state, save_state, sha256_file
 from pneumoclip.prepare import read_index
@@ -397,11 +397,7 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, accelerator,
         for pixel_values, labels in bar:
             with accelerator.accumulate(step), accelerator.autocast():
                 loss = step(pixel_values, labels)
-                accelerator.backward(loss)
-                optimizer.step()
-                schedule.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
+                losses.append(distributed.update(accelerator, loss, optimizer, schedule))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}", refresh=False)
         step.eval()
         with accelerator.autocast():
@@ -454,7 +450,7 @@ def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
         "classes": data.classes, "prompts": params.prompts,
         "label_map": {c: i for i, c in enumerate(data.classes)}, "synthetic": data.synthetic,
         "base": params.base_dir, "base_source": source["source"],
-        "base_revision": source["revision"], "base_is_tiny": source["source"] == "tiny",
+        "base_revision": source["revision"], "base_is_tiny": source["source"] in TINY_SOURCES,
         "temperature": result.temperature, "variant": name,
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
