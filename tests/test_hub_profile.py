@@ -27,7 +27,8 @@ from hub_standins import (
     STANDINS,
 )
 
-PROJECT_FILES = ["dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore", "src"]
+PROJECT_FILES = ["dvc.yaml", "params.yaml", "data.dvc", ".dvcignore", ".gitignore", "src",
+                 "bases"]
 GIT = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
        "GIT_COMMITTER_EMAIL": "t@t"}
 
@@ -126,8 +127,8 @@ def hub_project(dest: Path, standins: dict[str, Path], sd_repo: str, resolution:
     hub["base_models"]["clip"]["source"] = str(standins[CLIP_B16])
     hub["base_models"]["sd"]["source"] = str(standins[sd_repo])
     hub["train_clip"] |= {"epochs": 2, "patience": 2, "batch_size": 32, "lr": 1e-3}
-    hub["sd_lora"] |= {"resolution": resolution, "batch_size": 4, "steps": 4, "warmup_steps": 1,
-                       "checkpoint_every": 2, "sample_every": 4}
+    hub["sd_lora"] |= {"resolution": resolution, "batch_size": 4, "epochs": 0.1,
+                       "warmup_steps": 1, "checkpoint_every": 2, "sample_every": 2}
     hub["synthesize"] |= {"batch_size": 16}
     raw["sd_lora"] |= {"sample_per_class": 1, "sample_steps": 2}
     raw["synthesize"] |= {"steps": 2, "probe_per_class": 2, "counts": {"VIRUS": 4,
