@@ -132,7 +132,8 @@ def test_base_models_installs_what_pretrain_made_and_it_trains(pretrained, tmp_p
     """The output is a tiny_dir: `source: tiny` installs it, and a LoRA trains on it."""
     params = project_params(
         tmp_path, base_models={"tiny_dir": str(pretrained["bases"])},
-        train_clip={"epochs": 1, "index": str(pretrained["index"])})
+        train_clip={"epochs": 1, "index": str(pretrained["index"])},
+        variants={"real": {"balance": False, "train_data": str(pretrained["index"])}})
     cli("base-models", "--params", str(params))
     record = json.loads((tmp_path / "models/base/sd/pneumoclip_source.json").read_text())
     manifest = json.loads((pretrained["bases"] / "manifest.json").read_text())
