@@ -19,7 +19,7 @@ from conftest import ROOT, cli, project_params
 from PIL import Image
 
 from pneumoclip.config import load_section
-from pneumoclip.diffusion import LORA_FILE, META_FILE, generate, lora_sha256
+from pneumoclip.diffusion import LORA_FILE, META_FILE, SHARED, generate, lora_sha256
 from pneumoclip.prepare import read_index
 from pneumoclip.sd_lora import epoch_steps
 from pneumoclip.synthesize import (
@@ -112,7 +112,7 @@ def test_one_shared_lora_for_all_classes_when_per_class_is_off(tmp_path, trained
     out = cli("sd-lora", "--params", str(params))
     train = [r for r in read_index(trained["root"] / "artifacts/prepared/index.csv")
              if r["split"] == "train"]
-    assert f"1 LoRA adapter(s), steps lora {epoch_steps(0.25, len(train), 8)}," in out.stdout
+    assert f"1 LoRA adapter(s), steps {SHARED} {epoch_steps(0.25, len(train), 8)}," in out.stdout
     meta = json.loads((tmp_path / "sd-lora" / META_FILE).read_text())
     assert meta["adapters"] == dict.fromkeys(("NORMAL", "BACTERIA", "VIRUS"), LORA_FILE)
     assert sorted(p.name for p in (tmp_path / "sd-lora").glob("*.safetensors")) == [LORA_FILE]
@@ -133,10 +133,10 @@ def test_sd_run_is_logged_with_loss_curves_and_sample_grids(sd):
     run = client.get_run(meta["run_id"])
     assert run.data.params["lora.r"] == "16"
     assert run.data.tags["dvc_stage"] == "sd_lora"
-    phases = ["vae", "unet"] + [f"lora_{c}" for c in ("NORMAL", "BACTERIA", "VIRUS")]
-    for phase in phases:
-        history = client.get_metric_history(run.info.run_id, f"{phase}_loss")
-        assert history[-1].step == (8 if phase == "vae" else 12), phase
+    for cls in ("NORMAL", "BACTERIA", "VIRUS"):  # LoRA phases only: the base is pretrained
+        history = client.get_metric_history(run.info.run_id, f"lora_{cls}_loss")
+        assert history[-1].step == meta["steps"][cls], cls
+    assert not client.get_metric_history(run.info.run_id, "unet_loss")
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert {"samples/lora_VIRUS_step00006.png", "samples/final.png"} <= samples
 

@@ -235,22 +235,32 @@ def _revision(source: BaseModelSource) -> str | None:
 
 
 def fetch_hub_clip(source: BaseModelSource, out: Path) -> None:
-    """A hub id or a local folder in hub layout, through the same `from_pretrained` calls."""
+    """A hub id or a local folder in hub layout, through the same `from_pretrained` calls.
+
+    A folder loads with `local_files_only`, which the saved tokenizer config records: the
+    output is then the same bytes whether or not HF_HUB_OFFLINE is set (a stage's output must
+    not depend on the environment, or a fresh machine's dvc.lock differs)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    revision = _revision(source)
+    revision, local = _revision(source), is_folder(source)
     model = CLIPModel.from_pretrained(source.source, revision=revision, dtype=torch.float32)
     model.save_pretrained(out)
-    CLIPProcessor.from_pretrained(source.source, revision=revision).save_pretrained(out)
+    CLIPProcessor.from_pretrained(source.source, revision=revision,
+                                  local_files_only=local).save_pretrained(out)
 
 
 def fetch_hub_sd(source: BaseModelSource, out: Path) -> None:
-    """A hub id or a local folder in hub layout, through the same `from_pretrained` call."""
+    """A hub id or a local folder in hub layout, through the same `from_pretrained` calls."""
     from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
 
+    local = is_folder(source)  # see fetch_hub_clip
+    tokenizer = CLIPTokenizer.from_pretrained(source.source, subfolder="tokenizer",
+                                              revision=_revision(source), local_files_only=local)
     pipeline = StableDiffusionPipeline.from_pretrained(
         source.source, revision=_revision(source), safety_checker=None,
-        requires_safety_checker=False, dtype=torch.float32,
+        requires_safety_checker=False, dtype=torch.float32, local_files_only=local,
+        tokenizer=tokenizer,
     )
     pipeline.save_pretrained(out)
 
