@@ -96,11 +96,11 @@ def select_rows(index: str, splits: list[str], exclude: list[str], classes: list
 def check_unseen(bases: str | Path, index: str | Path, splits=("val", "test")) -> int:
     """Raise PretrainError if the bases in `bases` were pretrained on any patient or image
     of `splits` of `index` (a benchmark's val and test); returns how many rows were checked."""
+    from pneumoclip.prepare import read_index
+
     with open(Path(bases) / IMAGES, newline="") as fh:
         used = list(csv.DictReader(fh))
     patients, hashes = {u["patient_id"] for u in used}, {u["sha256"] for u in used}
-    from pneumoclip.prepare import read_index
-
     rows = [r for r in read_index(index) if r["split"] in splits]
     seen = [r["path"] for r in rows if r["patient_id"] in patients or r["sha256"] in hashes]
     if seen:
