@@ -95,6 +95,16 @@ class Pneumoclip:
             "model_version": self.model_version,
         }
 
+    def adapted_answers(self, probs: np.ndarray) -> list[dict]:
+        """The batch's answers under its own EM-estimated class shares, each carrying them
+        as `priors` (a 400 when the batch is too small to estimate them)."""
+        try:
+            probs, priors = self.classifier.adapt_priors(probs)
+        except ValueError as err:
+            raise Refused(400, f"adapt_priors: {err}") from None
+        shares = {c: round(float(p), 6) for c, p in zip(self.classes, priors, strict=True)}
+        return [self.answer(p) | {"priors": shares} for p in probs]
+
     def pixels(self, raw: bytes, where: str) -> np.ndarray:
         """One upload to the model's input, in a decoder thread; the decoded image is
         dropped at once, so a worker holds at most `decode_threads` of them."""
@@ -104,7 +114,7 @@ class Pneumoclip:
             raise Refused(refused.status, f"{where}{refused}") from None
         return self.classifier.pixel_values([image]).numpy()
 
-    async def classify_files(self, files: list[bytes], many: bool):
+    async def classify_files(self, files: list[bytes], many: bool, adapt_priors: bool = False):
         """The answer for the uploaded files of one request (UploadRoutes calls this)."""
         import asyncio
 
@@ -124,7 +134,7 @@ class Pneumoclip:
             pixels.append(await loop.run_in_executor(self.decoders, self.pixels, files[i], where))
             files[i] = b""  # the raw bytes are not needed any more
         probs = await self.probabilities(np.concatenate(pixels))
-        answers = [self.answer(p) for p in probs]
+        answers = self.adapted_answers(probs) if adapt_priors else [self.answer(p) for p in probs]
         return answers if many else answers[0]
 
     # The two routes below are what the OpenAPI page shows; over HTTP, UploadRoutes answers
@@ -138,7 +148,10 @@ class Pneumoclip:
     async def classify_batch(
         self, images: list[Annotated[Path, ContentType("image/*")]]
     ) -> list[dict]:
-        """Classify several uploads (repeated multipart file field `images`), in order."""
+        """Classify several uploads (repeated multipart file field `images`), in order.
+        `?adapt_priors=true`: the images are one batch from one source (at least 30); their
+        probabilities are adjusted to the batch's EM-estimated class shares (`priors` in each
+        answer). Off by default; docs/robustness.md says when to use it."""
         return await self.classify_files([Path(p).read_bytes() for p in images], many=True)
 
     @bentoml.api(route="/ready")

@@ -191,6 +191,77 @@ def test_predict_takes_an_mlflow_model_uri(trained):
         assert via_uri["probabilities"][c] == pytest.approx(p, abs=1e-5)
 
 
+def split_rows(trained, split: str) -> list[dict]:
+    return [r for r in read_index(trained["root"] / "artifacts/prepared/index.csv")
+            if r["split"] == split]
+
+
+def test_prior_adaptation_keeps_validation_as_it_is_and_follows_a_shifted_batch(trained):
+    """The model records its mean calibrated validation posterior as the priors EM starts
+    from, so EM stops where it starts on the validation set; a batch with NORMAL
+    over-represented moves the NORMAL prior up."""
+    from pneumoclip.priors import MIN_BATCH
+
+    model = ClipClassifier.load(trained["model"])
+    val = split_rows(trained, "val")
+    probs = model.predict_proba([read_image(r["path"]) for r in val])
+    reference = np.asarray(model.reference_priors)
+    assert reference.sum() == pytest.approx(1, abs=1e-5)
+    assert probs.mean(axis=0) == pytest.approx(reference, abs=1e-4)
+    adapted, priors = model.adapt_priors(probs)
+    assert priors == pytest.approx(reference, abs=1e-3)
+    assert np.abs(adapted - probs).max() < 1e-2
+    normal = [r for r in split_rows(trained, "train") if r["label"] == "NORMAL"][:MIN_BATCH]
+    shifted = [r for r in val if r["label"] != "NORMAL"][:10] + normal
+    shifted_probs = model.predict_proba([read_image(r["path"]) for r in shifted])
+    _, shifted_priors = model.adapt_priors(shifted_probs)
+    i = model.classes.index("NORMAL")
+    assert shifted_priors[i] > shifted_probs.mean(axis=0)[i] > reference[i]
+    with pytest.raises(ValueError, match=f"at least {MIN_BATCH} images"):
+        model.adapt_priors(probs[:3])
+    model.reference_priors = None
+    with pytest.raises(ValueError, match="records no reference_priors"):
+        model.adapt_priors(shifted_probs)
+
+
+def test_evaluate_adapt_priors_scores_the_adapted_test_posteriors(trained, tmp_path):
+    import shutil
+
+    from pneumoclip.evaluate import evaluate_variant
+
+    models = tmp_path / "models"  # a copy without mlflow_run.json: its own MLflow run
+    shutil.copytree(trained["model"], models / "real",
+                    ignore=shutil.ignore_patterns("mlflow_run.json"))
+    params = dataclasses.replace(
+        load_section("evaluate", trained["params"]), models_dir=str(models),
+        out_dir=str(tmp_path / "metrics"), adapt_priors=True)
+    test = evaluate_variant(params, "real")["test"]
+    model = ClipClassifier.load(models / "real", base_dir=params.base_dir)
+    rows = split_rows(trained, "test")
+    probs, priors = model.adapt_priors(model.predict_proba([read_image(r["path"]) for r in rows]))
+    assert list(test["adapted_priors"].values()) == pytest.approx(priors.tolist(), abs=1e-4)
+    y = np.array([model.classes.index(r["label"]) for r in rows])
+    assert test["accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == y)))
+
+
+def test_predict_adapt_priors_treats_the_files_as_one_batch(trained):
+    from pneumoclip.priors import MIN_BATCH
+
+    paths = [r["path"] for r in split_rows(trained, "train")][:MIN_BATCH]
+    base = ["predict", "--model", str(trained["model"]), "--json"]
+    rows = [json.loads(x) for x in cli(*base, "--adapt-priors", *paths).stdout.splitlines()]
+    assert len(rows) == MIN_BATCH and all(r["priors"] == rows[0]["priors"] for r in rows)
+    expected = ClipClassifier.load(trained["model"]).predict(
+        [read_image(p) for p in paths], adapt_priors=True)
+    for row, want in zip(rows, expected, strict=True):
+        assert row["probabilities"] == pytest.approx(want["probabilities"], abs=1e-5)
+    plain = [json.loads(x) for x in cli(*base, *paths).stdout.splitlines()]
+    assert "priors" not in plain[0] and plain[0]["probabilities"] != rows[0]["probabilities"]
+    refused = cli(*base, "--adapt-priors", *paths[:3], check=False)
+    assert refused.returncode == 1
+    assert f"needs a batch of at least {MIN_BATCH} images, got 3" in refused.stderr
+
+
 def test_unknown_variant_fails_naming_the_known_ones(trained):
     out = cli("train-clip", "--params", str(trained["params"]), "--variant", "nope", check=False)
     assert out.returncode == 1

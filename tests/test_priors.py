@@ -71,7 +71,7 @@ def test_an_empty_batch_comes_back_as_it_is():
     after, priors, iterations = em_priors(np.zeros((0, 3)), TRAIN)
     assert after.shape == (0, 3) and iterations == 0
     assert np.allclose(priors, TRAIN)
-    assert adapt(np.zeros((0, 3)), TRAIN).shape == (0, 3)
+    assert adapt(np.zeros((0, 3)), TRAIN)[0].shape == (0, 3)
 
 
 @pytest.mark.parametrize(("probs", "priors", "message"), [
@@ -104,4 +104,6 @@ def test_adapt_refuses_a_single_image_and_a_handful():
         adapt(np.full((MIN_BATCH - 1, 3), 1 / 3), TRAIN)
     _, x = draw(np.array([0.6, 0.2, 0.2]), MIN_BATCH, seed=5)
     probs = bayes(x, TRAIN)
-    assert np.allclose(adapt(probs, TRAIN), em_priors(probs, TRAIN)[0])
+    adapted, priors = adapt(probs, TRAIN)
+    assert np.allclose(adapted, em_priors(probs, TRAIN)[0])
+    assert np.allclose(priors, em_priors(probs, TRAIN)[1])

@@ -109,6 +109,39 @@ def test_http_answers_equal_the_in_process_model(bento, trained):
     assert [r["label"] for r in batch.json()] == [w["label"] for w in expected]
 
 
+def test_the_batch_route_adapts_priors_on_request(bento, trained):
+    from pneumoclip.priors import MIN_BATCH
+
+    paths = sorted((SAMPLE / "chest_xray/train").rglob("*.jpeg"))[:MIN_BATCH]
+    files = [("images", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+    url = f"{bento['url']}/classify_batch"
+    answer = requests.post(f"{url}?adapt_priors=true", files=files, timeout=120)
+    assert answer.status_code == 200, answer.text
+    expected = ClipClassifier.load(trained["model"]).predict(
+        [read_image(p) for p in paths], adapt_priors=True)
+    for got, want in zip(answer.json(), expected, strict=True):
+        assert got["label"] == want["label"]
+        assert got["priors"] == pytest.approx(want["priors"], abs=1e-4)
+        for c, p in want["probabilities"].items():
+            assert got["probabilities"][c] == pytest.approx(p, abs=1e-4)
+    plain = requests.post(f"{url}?adapt_priors=false", files=files, timeout=120).json()
+    assert "priors" not in plain[0]
+    one = [("image", files[0][1])]
+    cases = [
+        (requests.post(f"{url}?adapt_priors=true", files=files[:3], timeout=60),
+         f"adapt_priors: prior adaptation needs a batch of at least {MIN_BATCH} images, got 3"),
+        (requests.post(f"{bento['url']}/classify?adapt_priors=true", files=one, timeout=60),
+         "send the images to /classify_batch"),
+        (requests.post(f"{url}?adapt_priors=maybe", files=files[:1], timeout=60),
+         "adapt_priors='maybe': use true or false"),
+        (requests.post(f"{url}?adapt_prior=true", files=files[:1], timeout=60),
+         "unknown query parameter 'adapt_prior'"),
+    ]
+    for i, (refused, message) in enumerate(cases):
+        assert refused.status_code == 400, (i, refused.text)
+        assert message in refused.json()["error"], (i, refused.text)
+
+
 def test_bad_input_gets_a_4xx_that_says_what_is_wrong(bento):
     good = XRAY.read_bytes()
     over = png(Image.new("L", (2001, 2001)))  # 4,004,001 pixels, over the 4,000,000 limit

@@ -305,6 +305,8 @@ class ClipClassifier:
     text_embeds: torch.Tensor
     temperature: float = 1.0
     batch_size: int = 64
+    # mean calibrated validation posterior, recorded by train_clip; prior adaptation's start
+    reference_priors: list[float] | None = None
 
     @classmethod
     def load(cls, model_dir: str | Path, base_dir: str | Path | None = None) -> ClipClassifier:
@@ -334,14 +336,17 @@ class ClipClassifier:
             clip = PeftModel.from_pretrained(clip, str(model_dir)).merge_and_unload()
         clip.eval()
         processor = CLIPProcessor.from_pretrained(str(model_dir))
-        return cls.from_parts(clip, processor, meta["prompts"], meta.get("temperature", 1.0))
+        return cls.from_parts(clip, processor, meta["prompts"], meta.get("temperature", 1.0),
+                              meta.get("reference_priors"))
 
     @classmethod
-    def from_parts(cls, clip, processor, prompts: dict[str, list[str]], temperature: float = 1.0):
+    def from_parts(cls, clip, processor, prompts: dict[str, list[str]], temperature: float = 1.0,
+                   reference_priors: list[float] | None = None):
         with torch.no_grad():
             tokens = tokenize_prompts(processor.tokenizer, prompts, clip.device)
             text_embeds = class_text_embeddings(clip, tokens)
-        return cls(clip, processor, list(prompts), text_embeds, temperature)
+        return cls(clip, processor, list(prompts), text_embeds, temperature,
+                   reference_priors=reference_priors)
 
     def to(self, device, dtype: torch.dtype | None = None) -> ClipClassifier:
         """Move the model and the class text embeddings to `device` (and `dtype`, e.g.
@@ -374,9 +379,31 @@ class ClipClassifier:
         ]
         return torch.cat(out).cpu().numpy() if out else np.zeros((0, len(self.classes)))
 
-    def predict(self, images: list[Image.Image]) -> list[dict]:
+    def adapt_priors(self, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`probs` of one unlabelled batch from one source, re-estimated under the batch's
+        own class shares (EM, pneumoclip.priors): (adapted probabilities, estimated shares).
+        Refuses fewer than priors.MIN_BATCH images, and a model without reference priors."""
+        from pneumoclip.priors import adapt
+
+        if self.reference_priors is None:
+            raise ValueError("this model records no reference_priors (it predates prior "
+                             "adaptation): retrain it with `dvc repro` to use adapt_priors")
+        return adapt(probs, np.asarray(self.reference_priors))
+
+    def answers(self, probs: np.ndarray) -> list[dict]:
+        """One {"label", "probabilities"} per row of `probs`."""
         return [
             {"label": self.classes[int(p.argmax())],
              "probabilities": {c: float(v) for c, v in zip(self.classes, p, strict=True)}}
-            for p in self.predict_proba(images)
+            for p in probs
         ]
+
+    def predict(self, images: list[Image.Image], adapt_priors: bool = False) -> list[dict]:
+        """Label and probabilities per image; with `adapt_priors`, the images are one batch
+        from one source and each answer also carries the batch's estimated `priors`."""
+        probs = self.predict_proba(images)
+        if not adapt_priors:
+            return self.answers(probs)
+        probs, priors = self.adapt_priors(probs)
+        shares = {c: float(p) for c, p in zip(self.classes, priors, strict=True)}
+        return [answer | {"priors": shares} for answer in self.answers(probs)]

@@ -186,17 +186,25 @@ def fmt_ci(interval: list[float]) -> str:
 @click.option("--model", "model_ref", default="models/clip-lora/real", show_default=True,
               help="A models/clip-lora/VARIANT folder or an MLflow models:/ or runs:/ URI.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines instead of a table.")
-def predict_cmd(images: tuple[str, ...], model_ref: str, as_json: bool) -> None:
+@click.option("--adapt-priors", is_flag=True,
+              help="The IMAGES are one batch from one source (at least 30): re-estimate its "
+                   "class shares by EM and adjust the probabilities to them (docs/robustness.md).")
+def predict_cmd(images: tuple[str, ...], model_ref: str, as_json: bool,
+                adapt_priors: bool) -> None:
     """Classify IMAGES (PNG, JPEG or DICOM files); an unreadable file gets its own error
     line, the rest still run."""
     import json
 
-    from pneumoclip.predict import predict_files
+    from pneumoclip.predict import load, predict_files
 
     try:
-        results = predict_files(list(images), model_ref)
+        load_model = load(model_ref)
     except (OSError, ValueError) as err:
         raise click.ClickException(f"cannot load model {model_ref}: {err}") from err
+    try:
+        results = predict_files(list(images), load_model, adapt_priors)
+    except ValueError as err:  # prior adaptation refused the batch
+        raise click.ClickException(str(err)) from err
     failed = 0
     if as_json:
         for row in results:

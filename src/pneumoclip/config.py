@@ -268,6 +268,9 @@ class EvaluateParams:
     bootstrap: int
     ece_bins: int
     seed: int
+    # score the test set as one batch from one source: its class shares re-estimated by EM
+    # first (pneumoclip.priors); off by default (docs/robustness.md says when)
+    adapt_priors: bool
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -239,13 +239,21 @@ def evaluate_variant(params: EvaluateParams, variant: str) -> dict:
     images = load_images([r["path"] for r in test], f"{variant}: test images")
     y = np.array([classes.index(r["label"]) for r in test])
     probs = classifier.predict_proba(images)
+    adapted = {}
+    if params.adapt_priors:
+        try:
+            probs, priors = classifier.adapt_priors(probs)
+        except ValueError as err:
+            raise EvaluateError(f"evaluate.adapt_priors: {err}") from err
+        adapted = {"adapted_priors": dict(zip(classes, priors.tolist(), strict=True))}
 
     train_labels = [r["label"] for r in rows if r["split"] == "train"]
     majority = max(classes, key=train_labels.count)  # ties: the first class wins
     val = json.loads((model_dir / "val_metrics.json").read_text())
     metrics = {
         "variant": variant,
-        "test": classification_metrics(y, probs, classes, [r["patient_id"] for r in test], params),
+        "test": classification_metrics(y, probs, classes, [r["patient_id"] for r in test], params)
+        | adapted,
         "val": {"accuracy": val["val_accuracy"], "macro_f1": val["val_macro_f1"]},
         "zero_shot": zero_shot(params, meta["prompts"], images, y),
         "majority_baseline": {

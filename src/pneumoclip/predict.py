@@ -28,9 +28,13 @@ def load(model_ref: str) -> ClipClassifier:
     return ClipClassifier.load(model_ref)
 
 
-def predict_files(paths: list[str], model_ref: str) -> list[dict]:
-    """One result per path, in order: label and probabilities, or an error message."""
-    classifier = load(model_ref)
+def predict_files(paths: list[str], model: str | ClipClassifier,
+                  adapt_priors: bool = False) -> list[dict]:
+    """One result per path, in order: label and probabilities, or an error message. With
+    `adapt_priors`, the readable images are one batch from one source: their probabilities
+    are re-estimated under the batch's class shares (pneumoclip.priors), which each result
+    carries as `priors`. `model`: a loaded classifier, or what `load` takes."""
+    classifier = load(model) if isinstance(model, str) else model
     images, results = [], []
     for path in paths:
         try:
@@ -39,6 +43,6 @@ def predict_files(paths: list[str], model_ref: str) -> list[dict]:
         except ImageError as err:
             results.append({"file": path, "error": str(err)})
     ok = [r for r in results if "error" not in r]
-    for row, prediction in zip(ok, classifier.predict(images), strict=True):
+    for row, prediction in zip(ok, classifier.predict(images, adapt_priors), strict=True):
         row.update(prediction)
     return results

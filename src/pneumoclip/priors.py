@@ -19,6 +19,10 @@ When to use it (an option, off by default):
   even without any shift and can drive a weakly separated class's prior towards 0;
 - on tens of images at least (`MIN_BATCH` is the floor `adapt` enforces), never on a single
   image: one image's "prior" is its own prediction, and the reweighting then only sharpens it.
+`train_priors` should be the classifier's own mean posterior on data with the training
+shares, not the counted shares: pneumoclip's models record it as `reference_priors` (the mean
+calibrated validation posterior), so that on validation-like data EM stops where it starts.
+
 It corrects label shift only: under an acquisition change (contrast, blur, ...) the image
 given a class changes too, which this cannot undo and may make worse.
 """
@@ -88,13 +92,14 @@ def em_priors(
 
 
 def adapt(probs: np.ndarray, train_priors: np.ndarray, min_batch: int = MIN_BATCH,
-          **options) -> np.ndarray:
-    """The batch's posteriors under its EM-estimated priors; refuses a batch of fewer than
-    `min_batch` images (but not an empty one), where the estimate would be mostly noise.
-    `options` go to em_priors (max_iter, tol)."""
+          **options) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's posteriors under its EM-estimated priors, and those priors; refuses a
+    batch of fewer than `min_batch` images (but not an empty one), where the estimate would
+    be mostly noise. `options` go to em_priors (max_iter, tol)."""
     n = len(np.asarray(probs))
     if 0 < n < min_batch:
         raise ValueError(f"prior adaptation needs a batch of at least {min_batch} images, "
                          f"got {n}: it estimates the batch's class shares, which one image "
                          "or a handful cannot show")
-    return em_priors(probs, train_priors, **options)[0]
+    adapted, priors, _ = em_priors(probs, train_priors, **options)
+    return adapted, priors

@@ -296,11 +296,13 @@ class UploadRoutes:
             return
         field, many = self.routes[scope["path"]]
         handle, limit = self.handler(), self.settings.max_request_bytes
+        options = {}
         declared = Headers(scope=scope).get("content-length", "")
         cost = min(int(declared), limit) if declared.isdigit() else limit
         try:
             if scope["method"] != "POST":
                 raise Refused(405, f"{scope['path']} takes POST", ((b"allow", b"POST"),))
+            options = query_options(scope, many)
             if handle is None:
                 raise Refused(503, "the model is still loading", ((b"retry-after", b"5"),))
             if self.in_flight and self.in_flight + cost > self.settings.max_in_flight_bytes:
@@ -313,13 +315,34 @@ class UploadRoutes:
         self.in_flight += cost
         try:
             files = await read_uploads(scope, receive, field, limit, self.settings.max_bytes)
-            body = await handle(files, many)
+            body = await handle(files, many, **options)
         except Refused as refused:
             await answer_refusal(send, refused)
             return
         finally:
             self.in_flight -= cost
         await reply(send, 200, body)
+
+
+def query_options(scope, many: bool) -> dict:
+    """The upload routes' one query option, `adapt_priors=true|false` (batch route only);
+    a 400 for anything else, so a typo is not silently ignored."""
+    from urllib.parse import parse_qs
+
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    unknown = sorted(set(query) - {"adapt_priors"})
+    if unknown:
+        raise Refused(400, f"unknown query parameter {unknown[0]!r}; the only one is "
+                           "adapt_priors (on /classify_batch)")
+    if not query:
+        return {}
+    value = query["adapt_priors"][-1].lower()
+    if value not in ("true", "false", "1", "0"):
+        raise Refused(400, f"adapt_priors={value!r}: use true or false")
+    if not many and value in ("true", "1"):
+        raise Refused(400, "adapt_priors needs a batch from one source: send the images to "
+                           "/classify_batch")
+    return {"adapt_priors": value in ("true", "1")}
 
 
 REFUSALS = None

@@ -299,6 +299,9 @@ class Fit:
     best: dict
     train_seconds: float
     temperature: float
+    # the mean calibrated validation posterior: the class shares this model predicts on data
+    # drawn like its training data; prior adaptation (pneumoclip.priors) starts from it
+    reference_priors: list[float]
 
 
 def read_data(params: TrainClipParams, name: str, variant: VariantParams) -> TrainData:
@@ -438,7 +441,8 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, accelerator,
     temperature = (
         fit_temperature(val_logits, torch.from_numpy(val_y)) if params.calibrate else 1.0
     )
-    return core, Fit(history, best, train_seconds, temperature)
+    reference = torch.softmax(val_logits / temperature, dim=-1).mean(dim=0)
+    return core, Fit(history, best, train_seconds, temperature, reference.tolist())
 
 
 def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
@@ -451,7 +455,8 @@ def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
         "label_map": {c: i for i, c in enumerate(data.classes)}, "synthetic": data.synthetic,
         "base": params.base_dir, "base_source": source["source"],
         "base_revision": source["revision"], "base_is_tiny": source["source"] in TINY_SOURCES,
-        "temperature": result.temperature, "variant": name,
+        "temperature": result.temperature, "reference_priors": result.reference_priors,
+        "variant": name,
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     n_trainable, _ = model.get_nb_trainable_parameters()
