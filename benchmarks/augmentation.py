@@ -54,8 +54,12 @@ def work_copy(work: Path, data: Path, params: Path, sets: list[str]) -> None:
 def repro(work: Path) -> dict[str, float]:
     """`dvc repro` in the work copy; returns each stage's wall time in seconds."""
     log = open(work / "repro.log", "w")
+    # the stages run the source copied into `work`, not an editable install's live checkout
+    # (which may change while this runs): work/src goes first on the path
+    path = os.pathsep.join(filter(None, [str(work / "src"), os.environ.get("PYTHONPATH")]))
     proc = subprocess.Popen(["dvc", "repro"], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONPATH=path))
     timings, current, started = {}, None, time.perf_counter()
     for line in proc.stdout:
         log.write(line)
