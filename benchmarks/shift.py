@@ -1,7 +1,8 @@
 """Benchmark: a trained classifier under acquisition changes and class shares it never saw.
 
     python benchmarks/shift.py --model models/clip-lora/real --index artifacts/prepared/index.csv \
-        [--base models/base/clip] [--split test] [--out benchmarks/results/shift.json] [--limit N]
+        [--base models/base/clip] [--split test] [--name NAME] [--out benchmarks/results/shift.json]
+        [--limit N]
 
 Run from the project root (the index's image paths are relative to it). Scores the split as
 it is, then the same images under each change in PERTURBATIONS (contrast and gamma curves,
@@ -10,8 +11,9 @@ outside what training's augmentation draws) and a subset of its patients whose c
 are moved towards NORMAL (LABEL_SHIFT). Per set: macro-F1, accuracy and per-class recall,
 each with a 95% patient-bootstrap interval, and the top-label ECE, as the `evaluate` stage
 computes them; and the same after EM prior adaptation (pneumoclip.priors) on the whole set
-as one unlabelled batch, with the training priors taken from the index's train split, so the
-table shows what adaptation buys, or costs, under each shift. Accuracy and NLL are listed too:
+as one unlabelled batch, started from the model's reference priors (its mean calibrated
+validation posterior, which `train_clip` records), so the table shows what adaptation buys,
+or costs, under each shift. Accuracy and NLL are listed too:
 EM aims at the posteriors under the batch's own shares, which serve accuracy and likelihood,
 not macro-F1 (a class that becomes rarer loses recall by design).
 
@@ -197,15 +199,15 @@ def score(y: np.ndarray, probs: np.ndarray, classes: list[str], groups: list[str
 
 
 def score_set(y: np.ndarray, probs: np.ndarray, classes: list[str], groups: list[str],
-              train_priors: np.ndarray, params) -> dict:
+              reference: np.ndarray, params) -> dict:
     """A set's metrics as the model gives them, and after EM prior adaptation on the set."""
     from pneumoclip.priors import em_priors
 
-    adapted, priors, iterations = em_priors(probs, train_priors)
+    adapted, priors, iterations = em_priors(probs, reference)
     return {
         "n": int(len(y)), "patients": len(set(groups)),
         "shares": {c: float(np.mean(y == i)) for i, c in enumerate(classes)},
-        # EM's premise: on data with the training shares this equals the training priors
+        # EM's premise: on data with the training shares this equals the reference priors
         "mean_posterior": {c: float(p) for c, p in zip(classes, probs.mean(axis=0), strict=True)},
         "plain": score(y, probs, classes, groups, params),
         "em": score(y, adapted, classes, groups, params)
@@ -239,17 +241,21 @@ def run(model: Path, index: Path, base: Path | None, split: str, limit: int | No
     classes = classifier.classes
     rows = read_index(index)
     train = [r["label"] for r in rows if r["split"] == "train"]
-    if not train:
-        raise SystemExit(f"{index} has no train rows to take the training priors from")
-    train_priors = np.array([train.count(c) for c in classes], dtype=float) / len(train)
+    train_shares = np.array([train.count(c) for c in classes], dtype=float) / max(len(train), 1)
+    if classifier.reference_priors is None:  # a model from before train_clip recorded them
+        val = [read_image(r["path"]) for r in rows if r["split"] == "val"]
+        if not val:
+            raise SystemExit(f"{model} records no reference priors and {index} has no val rows")
+        classifier.reference_priors = classifier.predict_proba(val).mean(axis=0).tolist()
+    reference = np.asarray(classifier.reference_priors)
     chosen = sample([r for r in rows if r["split"] == split], limit)
     if not chosen:
         raise SystemExit(f"{index} has no {split} rows")
     y = np.array([classes.index(r["label"]) for r in chosen])
     groups = [r["patient_id"] for r in chosen]
     images = [read_image(r["path"]).convert("L") for r in chosen]
-    print(f"{len(chosen)} {split} images of {len(set(groups))} patients; training priors "
-          + " / ".join(f"{c} {p:.3f}" for c, p in zip(classes, train_priors, strict=True)),
+    print(f"{len(chosen)} {split} images of {len(set(groups))} patients; reference priors "
+          + " / ".join(f"{c} {p:.3f}" for c, p in zip(classes, reference, strict=True)),
           flush=True)
 
     sets, clean = [], None
@@ -258,17 +264,18 @@ def run(model: Path, index: Path, base: Path | None, split: str, limit: int | No
             [perturbation.apply(im, r["sha256"]) for im, r in zip(images, chosen, strict=True)])
         clean = probs if perturbation.fn is None else clean
         sets.append({"name": perturbation.name, "what": perturbation.what}
-                    | score_set(y, probs, classes, groups, train_priors, params))
+                    | score_set(y, probs, classes, groups, reference, params))
         print(f"done: {perturbation.name}", flush=True)
     kept = towards_normal(chosen, LABEL_SHIFT["normal_share"], LABEL_SHIFT["seed"])
     sets.append({"name": LABEL_SHIFT["name"], "what": LABEL_SHIFT["what"]}
                 | score_set(y[kept], clean[kept], classes, [groups[i] for i in kept],
-                            train_priors, params))
+                            reference, params))
     return {
         "model": str(model), "base": str(base) if base else None, "index": str(index),
         "index_sha256": file_sha256(index), "split": split, "limit": limit,
         "temperature": classifier.temperature, "classes": classes,
-        "train_priors": {c: float(p) for c, p in zip(classes, train_priors, strict=True)},
+        "train_shares": {c: float(p) for c, p in zip(classes, train_shares, strict=True)},
+        "reference_priors": {c: float(p) for c, p in zip(classes, reference, strict=True)},
         "bootstrap": params.bootstrap, "ece_bins": params.ece_bins, "seed": params.seed,
         "perturbations": [p.definition() for p in PERTURBATIONS], "label_shift": LABEL_SHIFT,
         "sets": sets,
@@ -304,14 +311,16 @@ def table(results: dict) -> str:
                       recalls(m, classes), f"{m['ece']:.3f}", f"{m['nll']:.3f}"]
         cells.append(" / ".join(f"{s['em']['priors'][c]:.2f}" for c in classes))
         lines.append("| " + " | ".join(cells) + " |")
-    train = " / ".join(f"{results['train_priors'][c]:.2f}" for c in classes)
+    reference = " / ".join(f"{results['reference_priors'][c]:.2f}" for c in classes)
+    train = " / ".join(f"{results['train_shares'][c]:.2f}" for c in classes)
     first = results["sets"][0]
     mean = " / ".join(f"{first['mean_posterior'][c]:.2f}" for c in classes)
     shares = " / ".join(f"{first['shares'][c]:.2f}" for c in classes)
-    lines += ["", f"EM starts from the training priors (train split shares) {short}: {train}; "
-              f"on `{first['name']}` the model's mean posterior is {mean} for class shares "
-              f"{shares} (EM assumes the two agree). Intervals: {results['bootstrap']} patient "
-              f"resamples; ECE: {results['ece_bins']} bins; NLL: mean -log p(true class)."]
+    lines += ["", f"EM starts from the model's reference priors {short}: {reference} (its mean "
+              f"validation posterior; training shares {train}). On `{first['name']}` the mean "
+              f"posterior is {mean} for class shares {shares}. Intervals: "
+              f"{results['bootstrap']} patient resamples; ECE: {results['ece_bins']} bins; "
+              "NLL: mean -log p(true class)."]
     return "\n".join(lines)
 
 
@@ -328,6 +337,28 @@ def recall_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_table(runs: dict) -> str:
+    """Markdown: per set, each model's macro-F1 [95% CI], NORMAL recall and ECE, side by side
+    (no EM), so a change to the default shows what it did under each shift."""
+    names = list(runs)
+    first = runs[names[0]]
+    classes = first["classes"]
+    head = " | ".join(f"{n}: macro-F1 [95% CI] | recall {classes[0]} | ECE" for n in names)
+    lines = [f"| set | {head} |", "| --- |" + " --- | ---: | ---: |" * len(names)]
+    for i, s in enumerate(first["sets"]):
+        cells = [s["name"]]
+        for name in names:
+            m = runs[name]["sets"][i]["plain"]
+            cells += [interval(m["macro_f1"], m["macro_f1_ci95"]),
+                      f"{m['per_class'][classes[0]]['recall']:.2f}", f"{m['ece']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    worst = {n: min(x["plain"]["macro_f1"] for x in runs[n]["sets"]) for n in names}
+    mean = {n: float(np.mean([x["plain"]["macro_f1"] for x in runs[n]["sets"]])) for n in names}
+    lines += ["", "Mean over the sets / worst set: " + "; ".join(
+        f"{n} {mean[n]:.3f} / {worst[n]:.3f}" for n in names) + "."]
+    return "\n".join(lines)
+
+
 def main() -> None:
     from pneumoclip.config import load_section
 
@@ -337,6 +368,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=None,
                         help="the CLIP base (default: as the model folder records it)")
     parser.add_argument("--split", default="test")
+    parser.add_argument("--name", default="model",
+                        help="this run's name in --out, which keeps other names' runs")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/shift.json")
     parser.add_argument("--limit", type=int, default=None,
                         help="only N images, spread evenly over the split (a smoke run)")
@@ -351,9 +384,14 @@ def main() -> None:
     print(table(results))
     print()
     print(recall_table(results))
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": {}}
+    stored["runs"][args.name] = results
+    if len(stored["runs"]) > 1:
+        print()
+        print(compare_table(stored["runs"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten: {args.out}")
+    args.out.write_text(json.dumps(stored, indent=2) + "\n")
+    print(f"\nwritten: {args.out} (run {args.name!r})")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def renderers() -> dict:
     import processes
     import sample_scores
     import serving
+    import shift
 
     return {
         "headline": ("classifier.json", lambda r: classifier.table(r["rows"])),
@@ -44,6 +45,9 @@ def renderers() -> dict:
         "bases": ("../../bases/tiny/manifest.json", pretrain_table),
         "sample-scores": ("sample-scores.json", sample_scores.table),
         "sample-seeds": ("sample-scores.json", sample_scores.seeds_table),
+        "shift": ("shift.json", lambda r: shift.table(r["runs"]["default"])),
+        "shift-recall": ("shift.json", lambda r: shift.recall_table(r["runs"]["default"])),
+        "shift-compare": ("shift.json", lambda r: shift.compare_table(r["runs"])),
         "devices": ("devices-cuda.json", lambda gpu: main_command.versus(
             json.loads((RESULTS / "main-command.json").read_text()), gpu)),
     }

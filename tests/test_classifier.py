@@ -550,6 +550,36 @@ def tiny_model(tmp_path_factory) -> Path:
     return out
 
 
+def test_equalize_makes_the_model_blind_to_a_monotonic_intensity_curve(tiny_model, tmp_path):
+    """A model trained with `equalize` (recorded in its folder) gives the same answer for an
+    image and the image under any strictly increasing intensity curve; training reads the
+    pixels the same way."""
+    import shutil
+
+    from pneumoclip.train_clip import load_pixels
+
+    gray = np.asarray(Image.open(XRAY).convert("L")).astype(float) // 4 * 4  # 64 levels
+    curved = np.round(255 * (gray / 255) ** 0.6)  # gamma 0.6, still 64 distinct levels
+    assert len(np.unique(curved)) == len(np.unique(gray))
+    paths = []
+    for name, values in (("plain", gray), ("curved", curved)):
+        paths.append(tmp_path / f"{name}.png")
+        Image.fromarray(values.astype(np.uint8)).save(paths[-1])
+    images = [read_image(p) for p in paths]
+    plain = ClipClassifier.load(tiny_model).predict_proba(images)
+    assert np.abs(plain[0] - plain[1]).max() > 1e-4  # without it, the curve moves the answer
+    folder = tmp_path / "equalized"
+    shutil.copytree(tiny_model, folder)
+    meta = json.loads((folder / "pneumoclip.json").read_text()) | {"equalize": True}
+    (folder / "pneumoclip.json").write_text(json.dumps(meta))
+    model = ClipClassifier.load(folder)
+    assert model.equalize
+    probs = model.predict_proba(images)
+    assert np.array_equal(probs[0], probs[1])
+    trained_on = load_pixels(model.processor, [str(p) for p in paths], "test", equalize=True)
+    assert torch.equal(trained_on, model.pixel_values(images))
+
+
 def test_predict_classifies_a_dicom_as_its_source_image(tiny_model, tmp_path):
     from pneumoclip.predict import predict_files
 

@@ -76,6 +76,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("L").convert("RGB")
 
 
+def equalized(image: Image.Image) -> Image.Image:
+    """The gray image histogram-equalised, as gray RGB: the same for any monotonic
+    increasing intensity curve applied before (up to 8-bit rounding)."""
+    return ImageOps.equalize(image.convert("L")).convert("RGB")
+
+
 def read_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode a PNG, JPEG or DICOM image from a path or bytes, as gray RGB.
 
@@ -295,6 +301,14 @@ def prompt_logits(clip, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -
 # ---------------------------------------------------------------- the trained classifier
 
 
+def preprocess(processor, images: list[Image.Image], equalize: bool) -> torch.Tensor:
+    """The model's input for gray RGB `images`: equalised first if the model was trained
+    so, then its own CLIP processor. Training and every use of a model go through here."""
+    if equalize:
+        images = [equalized(im) for im in images]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
 @dataclass
 class ClipClassifier:
     """A (LoRA-merged) CLIP, its processor and the class text embeddings, ready to predict."""
@@ -307,6 +321,7 @@ class ClipClassifier:
     batch_size: int = 64
     # mean calibrated validation posterior, recorded by train_clip; prior adaptation's start
     reference_priors: list[float] | None = None
+    equalize: bool = False  # histogram-equalise each image first (as it was trained)
 
     @classmethod
     def load(cls, model_dir: str | Path, base_dir: str | Path | None = None) -> ClipClassifier:
@@ -336,8 +351,10 @@ class ClipClassifier:
             clip = PeftModel.from_pretrained(clip, str(model_dir)).merge_and_unload()
         clip.eval()
         processor = CLIPProcessor.from_pretrained(str(model_dir))
-        return cls.from_parts(clip, processor, meta["prompts"], meta.get("temperature", 1.0),
-                              meta.get("reference_priors"))
+        classifier = cls.from_parts(clip, processor, meta["prompts"],
+                                    meta.get("temperature", 1.0), meta.get("reference_priors"))
+        classifier.equalize = meta.get("equalize", False)
+        return classifier
 
     @classmethod
     def from_parts(cls, clip, processor, prompts: dict[str, list[str]], temperature: float = 1.0,
@@ -360,7 +377,7 @@ class ClipClassifier:
         return pixel_values.to(device=self.clip.device, dtype=self.clip.dtype)
 
     def pixel_values(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return preprocess(self.processor, images, self.equalize)
 
     @torch.no_grad()
     def logits_from_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:

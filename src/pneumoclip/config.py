@@ -143,6 +143,9 @@ class TrainClipParams:
     warmup_epochs: int
     mixed_precision: str
     calibrate: bool  # fit a softmax temperature on validation
+    # histogram-equalise each image before the processor, in training and in every use of
+    # the model (recorded in it): invariant to any monotonic intensity curve
+    equalize: bool
     lora: LoraParams
     augment: AugmentParams
     prompts: dict[str, list[str]]

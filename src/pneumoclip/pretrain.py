@@ -146,8 +146,8 @@ def pretrain_clip(params: PretrainParams, base: BaseModelsParams, train: list[di
     processor = CLIPProcessor.from_pretrained(out)
     accelerator = distributed.accelerator(params.mixed_precision, 1)
     device = accelerator.device
-    train_x = load_pixels(processor, [r["path"] for r in train], "pretrain clip: train")
-    val_x = load_pixels(processor, [r["path"] for r in val], "pretrain clip: val")
+    train_x = load_pixels(processor, [r["path"] for r in train], "pretrain clip: train", False)
+    val_x = load_pixels(processor, [r["path"] for r in val], "pretrain clip: val", False)
     train_y = torch.tensor([classes.index(r["label"]) for r in train])
     val_y = np.array([classes.index(r["label"]) for r in val])
     captions = [c for k in classes for c in cfg.captions[k]]

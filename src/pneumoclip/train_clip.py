@@ -38,6 +38,7 @@ from pneumoclip.classifier import (
     META_FILE,
     class_text_embeddings,
     image_embeddings,
+    preprocess,
     prompt_logits,
     read_image,
     tokenize_prompts,
@@ -78,13 +79,14 @@ def sigterm_interrupts() -> Iterator[None]:
 # ---------------------------------------------------------------- data
 
 
-def load_pixels(processor, paths: list[str], desc: str, batch: int = 64) -> torch.Tensor:
-    """Decode and preprocess every image once, with the model's own processor."""
+def load_pixels(processor, paths: list[str], desc: str, equalize: bool,
+                batch: int = 64) -> torch.Tensor:
+    """Decode and preprocess every image once, as the trained model will (preprocess)."""
     chunks = []
     with tqdm(total=len(paths), desc=desc, unit="img", disable=None) as bar:
         for i in range(0, len(paths), batch):
             images = [read_image(p) for p in paths[i : i + batch]]
-            chunks.append(processor(images=images, return_tensors="pt")["pixel_values"])
+            chunks.append(preprocess(processor, images, equalize))
             bar.update(len(images))
     return torch.cat(chunks)
 
@@ -344,8 +346,10 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, accelerator,
                          accelerator.num_processes)
     model = add_lora(clip, params)
     label_id = {c: i for i, c in enumerate(data.classes)}
-    train_x = load_pixels(processor, [r["path"] for r in data.train_rows], f"{name}: train")
-    val_x = load_pixels(processor, [r["path"] for r in data.val_rows], f"{name}: val")
+    train_x = load_pixels(processor, [r["path"] for r in data.train_rows], f"{name}: train",
+                          params.equalize)
+    val_x = load_pixels(processor, [r["path"] for r in data.val_rows], f"{name}: val",
+                        params.equalize)
     train_y = torch.tensor([label_id[r["label"]] for r in data.train_rows])
     val_y = np.array([label_id[r["label"]] for r in data.val_rows])
     gen = torch.Generator().manual_seed(params.seed)
@@ -456,6 +460,7 @@ def save_model(out: Path, params: TrainClipParams, name: str, model, processor,
         "base": params.base_dir, "base_source": source["source"],
         "base_revision": source["revision"], "base_is_tiny": source["source"] in TINY_SOURCES,
         "temperature": result.temperature, "reference_priors": result.reference_priors,
+        "equalize": params.equalize,
         "variant": name,
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
