@@ -198,11 +198,11 @@ def predict_cmd(images: tuple[str, ...], model_ref: str, as_json: bool,
     from pneumoclip.predict import load, predict_files
 
     try:
-        load_model = load(model_ref)
+        classifier = load(model_ref)
     except (OSError, ValueError) as err:
         raise click.ClickException(f"cannot load model {model_ref}: {err}") from err
     try:
-        results = predict_files(list(images), load_model, adapt_priors)
+        results = predict_files(list(images), classifier, adapt_priors)
     except ValueError as err:  # prior adaptation refused the batch
         raise click.ClickException(str(err)) from err
     failed = 0
