@@ -92,6 +92,9 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
+BLACK = torch.tensor([-2.0])  # load_gray's value of a black pixel
+
+
 def load_gray(rows: list[dict], size: int) -> torch.Tensor:
     arrays = [np.asarray(read_image(r["path"]).convert("L").resize((size, size))) for r in rows]
     x = torch.from_numpy(np.stack(arrays)).float().div(255).unsqueeze(1)
@@ -119,7 +122,8 @@ def run_cnn(work: Path, size: int = 64, epochs: int = 20) -> dict:
         order = torch.randperm(len(y["train"]), generator=gen)
         for i in range(0, len(order), 64):
             idx = order[i : i + 64]
-            loss = F.cross_entropy(model(augment(x["train"][idx], cfg.augment, gen)),
+            loss = F.cross_entropy(model(augment(x["train"][idx], cfg.augment, gen,
+                                                               black=BLACK)),
                                    y["train"][idx])
             optimizer.zero_grad()
             loss.backward()

@@ -288,12 +288,46 @@ def test_any_image_mode_becomes_gray_rgb(mode):
 
 def test_augment_is_seeded_keeps_shape_and_is_identity_at_zero_strength():
     x = torch.randn(4, 3, 16, 16)
-    cfg = AugmentParams(shift=0.1, scale=0.1, rotate=10, brightness=0.2, contrast=0.2)
+    cfg = AugmentParams(shift=0.1, scale=0.1, rotate=10, brightness=0.2, contrast=0.2,
+                        fill="edge")
     a = augment(x, cfg, torch.Generator().manual_seed(1))
     b = augment(x, cfg, torch.Generator().manual_seed(1))
     assert a.shape == x.shape and torch.equal(a, b) and not torch.allclose(a, x)
-    none = AugmentParams(shift=0, scale=0, rotate=0, brightness=0, contrast=0)
-    assert torch.allclose(augment(x, none, torch.Generator()), x, atol=1e-5)
+    none = AugmentParams(shift=0, scale=0, rotate=0, brightness=0, contrast=0, fill="black")
+    assert torch.allclose(augment(x, none, torch.Generator(), black=torch.zeros(3)), x,
+                          atol=1e-5)
+
+
+def test_augment_fill_black_gives_a_zoom_out_a_black_margin():
+    """`fill: black` pads what a zoom-out exposes with the model's black pixel (a wider field
+    of view, as other sites' X-rays show); `edge` repeats the edge pixels instead."""
+    from transformers import CLIPImageProcessor
+
+    from pneumoclip.train_clip import black_pixel
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16)
+    black = black_pixel(processor)
+    white = processor(images=[Image.new("RGB", (16, 16), "white")],
+                      return_tensors="pt")["pixel_values"]
+    assert black.shape == (3,) and (black < white[0, :, 0, 0]).all()
+    # zoom out by 30-40%: every corner lies outside the source image
+    zoom_out = AugmentParams(shift=0, scale=0, rotate=0, brightness=0, contrast=0, fill="black")
+    zoom_out = dataclasses.replace(zoom_out, scale=0.4)
+    gen = torch.Generator().manual_seed(0)
+    x = white.repeat(64, 1, 1, 1)
+    draws = torch.Generator().manual_seed(0)
+    torch.rand(64, generator=draws)  # the rotation's draw comes first
+    scale = 1 + (torch.rand(64, generator=draws) * 2 - 1) * 0.4
+    out = augment(x, zoom_out, gen, black=black)
+    shrunk = scale < 0.8
+    assert shrunk.any()
+    corners = out[shrunk][:, :, 0, 0]
+    assert torch.allclose(corners, black.expand_as(corners), atol=1e-5)
+    assert torch.allclose(out[shrunk][:, :, 8, 8], white[0, :, 8, 8].expand(int(shrunk.sum()), 3))
+    edge = augment(x, dataclasses.replace(zoom_out, fill="edge"), torch.Generator().manual_seed(0))
+    assert torch.allclose(edge, x, atol=1e-5)  # a white image stays white
+    with pytest.raises(ValueError, match="black pixel"):
+        augment(x, zoom_out, torch.Generator())
 
 
 def test_balanced_loader_draws_classes_evenly():

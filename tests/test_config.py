@@ -251,6 +251,8 @@ def hub_clip(r):
          ["sd_lora.resolution is 512 but base_models.tiny_sd.resolution is 64"]),
         ("hub", lambda r: r["profiles"]["hub"]["sd_lora"].update(mixed_precision="fp8"),
          ["sd_lora.mixed_precision is 'fp8'"]),
+        ("tiny", lambda r: r["train_clip"]["augment"].update(fill="zero"),
+         ["train_clip.augment.fill is 'zero': one of edge, black"]),
     ],
 )
 def test_an_inconsistent_mix_fails_at_once_naming_the_keys(tmp_path, profile, edit, keys):

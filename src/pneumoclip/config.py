@@ -116,6 +116,7 @@ class AugmentParams:
     rotate: float  # +- degrees
     brightness: float  # +- in units of the normalised intensity
     contrast: float  # +- relative
+    fill: str  # what a zoom-out or shift exposes: edge (repeat the edge pixels) or black
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -426,6 +427,7 @@ TINY = "tiny"  # the shipped pretrained tiny bases
 TINY_RANDOM = "tiny-random"  # the tiny architecture, random-init (unit tests)
 TINY_SOURCES = (TINY, TINY_RANDOM)
 MIXED_PRECISION = ("no", "fp16", "bf16")
+AUGMENT_FILL = ("edge", "black")
 # Only a random-init CLIP needs its stem trained fully; a pretrained tower's stem (the
 # shipped tiny one's too) is what LoRA builds on, and a fully trained copy throws that away.
 RANDOM_STEM = ("patch_embedding", "position_embedding", "pre_layrnorm")
@@ -465,6 +467,10 @@ def check_consistency(raw: dict) -> None:
         if mp is not None and mp not in MIXED_PRECISION:
             problems.append(f"{section}.mixed_precision is {mp!r}: one of "
                             f"{', '.join(MIXED_PRECISION)}")
+    for section in ("train_clip", "pretrain"):
+        fill = ((raw.get(section) or {}).get("augment") or {}).get("fill")
+        if fill is not None and fill not in AUGMENT_FILL:
+            problems.append(f"{section}.augment.fill is {fill!r}: one of {', '.join(AUGMENT_FILL)}")
     if problems:
         raise ParamsError(f"inconsistent params{profile}: " + "; ".join(problems))
 

@@ -137,7 +137,7 @@ def pretrain_clip(params: PretrainParams, base: BaseModelsParams, train: list[di
 
     from pneumoclip.base_models import build_tiny_clip
     from pneumoclip.classifier import tokenize_prompts
-    from pneumoclip.train_clip import augment, load_pixels, predict_logits, scores
+    from pneumoclip.train_clip import augment, black_pixel, load_pixels, predict_logits, scores
 
     cfg = params.clip
     classes = list(cfg.captions)
@@ -157,6 +157,7 @@ def pretrain_clip(params: PretrainParams, base: BaseModelsParams, train: list[di
         captions, padding=True, truncation=True, return_tensors="pt").items()}
     prompt_tokens = tokenize_prompts(processor.tokenizer, cfg.captions, device)
 
+    black = black_pixel(processor)
     gen = torch.Generator().manual_seed(params.seed)
     optimizer = torch.optim.AdamW(clip.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = len(train) // cfg.batch_size or 1
@@ -174,7 +175,7 @@ def pretrain_clip(params: PretrainParams, base: BaseModelsParams, train: list[di
         for i in bar:
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             with accelerator.autocast():
-                x = augment(train_x[idx], cfg.augment, gen).to(device)
+                x = augment(train_x[idx], cfg.augment, gen, black=black).to(device)
                 loss = class_caption_loss(clip, caption_tokens, caption_class, x,
                                           train_y[idx].to(device))
             losses.append(distributed.update(accelerator, loss, optimizer, schedule))

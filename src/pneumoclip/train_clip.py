@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 
@@ -91,10 +92,20 @@ def load_pixels(processor, paths: list[str], desc: str, equalize: bool,
     return torch.cat(chunks)
 
 
+def black_pixel(processor) -> torch.Tensor:
+    """The model's input value of a black pixel, per channel (what `augment.fill: black`
+    fills with)."""
+    return processor(images=[Image.new("RGB", (8, 8))], return_tensors="pt")[
+        "pixel_values"][0, :, 0, 0]
+
+
 def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator, rank: int = 0,
-            world: int = 1) -> torch.Tensor:
+            world: int = 1, black: torch.Tensor | None = None) -> torch.Tensor:
     """Random shift, zoom, rotation, brightness and contrast, as torch ops on a batch.
 
+    What a zoom-out, shift or rotation exposes is filled as `cfg.fill` says: `edge` repeats
+    the edge pixels, `black` fills with `black` (the input value of a black pixel per
+    channel, `black_pixel`), the margin of an X-ray with a wider field of view.
     Each draw is made for the global batch (`world` x this rank's) and sliced, so N ranks
     augment their images exactly as one process augments the same global batch."""
     n = x.shape[0]
@@ -112,8 +123,14 @@ def augment(x: torch.Tensor, cfg: AugmentParams, gen: torch.Generator, rank: int
         ],
         dim=1,
     ).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid.to(x.device), padding_mode="border", align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False).to(x.device)
+    if cfg.fill == "black":
+        if black is None:
+            raise ValueError("augment.fill: black needs the input value of a black pixel")
+        black = black.view(1, -1, 1, 1).to(x)
+        x = F.grid_sample(x - black, grid, padding_mode="zeros", align_corners=False) + black
+    else:
+        x = F.grid_sample(x, grid, padding_mode="border", align_corners=False)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     contrast = (1 + uniform(cfg.contrast)).view(n, 1, 1, 1).to(x)
     brightness = uniform(cfg.brightness).view(n, 1, 1, 1).to(x)
@@ -368,9 +385,10 @@ def fit(params: TrainClipParams, name: str, variant: VariantParams, accelerator,
         schedule.load_state_dict(resume.schedule)
     device = accelerator.device
     tokens = tokenize_prompts(processor.tokenizer, params.prompts, device)
+    black = black_pixel(processor)
 
     def loss_fn(peft_model, pixel_values, labels):
-        x = augment(pixel_values, params.augment, gen, rank, world)
+        x = augment(pixel_values, params.augment, gen, rank, world, black)
         return F.cross_entropy(class_logits(peft_model, tokens, x), labels)
 
     step, optimizer, batches, schedule = accelerator.prepare(
