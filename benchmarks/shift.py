@@ -338,24 +338,35 @@ def recall_table(results: dict) -> str:
 
 
 def compare_table(runs: dict) -> str:
-    """Markdown: per set, each model's macro-F1 [95% CI], NORMAL recall and ECE, side by side
-    (no EM), so a change to the default shows what it did under each shift."""
+    """Markdown: per set, each model's macro-F1 [95% CI] side by side (no EM), then each
+    one's mean and worst set and its validation macro-F1, which picks the default."""
     names = list(runs)
-    first = runs[names[0]]
-    classes = first["classes"]
-    head = " | ".join(f"{n}: macro-F1 [95% CI] | recall {classes[0]} | ECE" for n in names)
-    lines = [f"| set | {head} |", "| --- |" + " --- | ---: | ---: |" * len(names)]
-    for i, s in enumerate(first["sets"]):
-        cells = [s["name"]]
-        for name in names:
-            m = runs[name]["sets"][i]["plain"]
-            cells += [interval(m["macro_f1"], m["macro_f1_ci95"]),
-                      f"{m['per_class'][classes[0]]['recall']:.2f}", f"{m['ece']:.3f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    worst = {n: min(x["plain"]["macro_f1"] for x in runs[n]["sets"]) for n in names}
-    mean = {n: float(np.mean([x["plain"]["macro_f1"] for x in runs[n]["sets"]])) for n in names}
-    lines += ["", "Mean over the sets / worst set: " + "; ".join(
-        f"{n} {mean[n]:.3f} / {worst[n]:.3f}" for n in names) + "."]
+    lines = [f"| set | {' | '.join(names)} |", "| --- |" + " --- |" * len(names)]
+    for i, s in enumerate(runs[names[0]]["sets"]):
+        lines.append(f"| {s['name']} | " + " | ".join(
+            interval(m["macro_f1"], m["macro_f1_ci95"])
+            for m in (runs[n]["sets"][i]["plain"] for n in names)) + " |")
+    scores = {n: [x["plain"]["macro_f1"] for x in runs[n]["sets"]] for n in names}
+    val = {n: runs[n].get("val_macro_f1") for n in names}
+    lines += [
+        "| **mean over the sets** | " + " | ".join(
+            f"**{np.mean(scores[n]):.3f}**" for n in names) + " |",
+        "| worst set | " + " | ".join(f"{min(scores[n]):.3f}" for n in names) + " |",
+        "| **validation macro-F1** (picks) | " + " | ".join(
+            "" if val[n] is None else f"**{val[n]:.3f}**" for n in names) + " |",
+    ]
+    return "\n".join(lines)
+
+
+def compare_normal_table(runs: dict) -> str:
+    """Markdown: per set, each model's NORMAL recall and ECE (no EM)."""
+    names = list(runs)
+    first = runs[names[0]]["classes"][0]
+    lines = [f"| set | {' | '.join(names)} |", "| --- |" + " ---: |" * len(names)]
+    for i, s in enumerate(runs[names[0]]["sets"]):
+        lines.append(f"| {s['name']} | " + " | ".join(
+            f"{m['per_class'][first]['recall']:.2f} / {m['ece']:.3f}"
+            for m in (runs[n]["sets"][i]["plain"] for n in names)) + " |")
     return "\n".join(lines)
 
 
@@ -375,10 +386,15 @@ def main() -> None:
                         help="only N images, spread evenly over the split (a smoke run)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
                         help="whose `evaluate` section gives the bootstrap, ECE bins and seed")
+    parser.add_argument("--metrics", type=Path, default=None,
+                        help="the model's `evaluate` metrics JSON: its val_macro_f1 (what "
+                             "picks a default) goes into the comparison")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     params = load_section("evaluate", args.params)
+    val = json.loads(args.metrics.read_text())["val_macro_f1"] if args.metrics else None
     results = run(args.model, args.index, args.base, args.split, args.limit, params)
+    results["val_macro_f1"] = val
     print(f"\nShift benchmark: {args.model} on the {args.split} split ({results['sets'][0]['n']}"
           " images):\n")
     print(table(results))
