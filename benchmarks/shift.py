@@ -279,6 +279,9 @@ def run(model: Path, index: Path, base: Path | None, split: str, limit: int | No
         "bootstrap": params.bootstrap, "ece_bins": params.ece_bins, "seed": params.seed,
         "perturbations": [p.definition() for p in PERTURBATIONS], "label_shift": LABEL_SHIFT,
         "sets": sets,
+        # what picks a default: the model's best-epoch validation macro-F1, as train_clip
+        # recorded it
+        "val_macro_f1": json.loads((model / "val_metrics.json").read_text())["val_macro_f1"],
     }
 
 
@@ -358,6 +361,35 @@ def compare_table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_table(runs: dict) -> str:
+    """Markdown: runs named "MODEL, seed N" grouped by MODEL; per set, the macro-F1 mean over
+    the seeds and its range, so a difference between models can be read against the seeds'."""
+    groups: dict[str, list[dict]] = {}
+    for name, run in runs.items():
+        groups.setdefault(name.rsplit(", seed ", 1)[0], []).append(run)
+    names = list(groups)
+
+    def cell(values: list[float], bold: bool = False) -> str:
+        mean = f"**{np.mean(values):.3f}**" if bold else f"{np.mean(values):.3f}"
+        return f"{mean} ({min(values):.3f}-{max(values):.3f})"
+
+    seeds = " | ".join(f"{n} ({len(groups[n])} seeds)" for n in names)
+    lines = [f"| set: macro-F1 mean (range) | {seeds} |", "| --- |" + " --- |" * len(names)]
+    first = groups[names[0]][0]["sets"]
+    for i, s in enumerate(first):
+        lines.append(f"| {s['name']} | " + " | ".join(
+            cell([r["sets"][i]["plain"]["macro_f1"] for r in groups[n]]) for n in names) + " |")
+    for label, fn, bold in (
+        ("**mean over the sets**", lambda r: np.mean([x["plain"]["macro_f1"] for x in r["sets"]]),
+         True),
+        ("worst set", lambda r: min(x["plain"]["macro_f1"] for x in r["sets"]), False),
+        ("**validation macro-F1** (picks)", lambda r: r["val_macro_f1"], True),
+    ):
+        lines.append(f"| {label} | " + " | ".join(
+            cell([float(fn(r)) for r in groups[n]], bold) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def compare_normal_table(runs: dict) -> str:
     """Markdown: per set, each model's NORMAL recall and ECE (no EM)."""
     names = list(runs)
@@ -386,15 +418,10 @@ def main() -> None:
                         help="only N images, spread evenly over the split (a smoke run)")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml",
                         help="whose `evaluate` section gives the bootstrap, ECE bins and seed")
-    parser.add_argument("--metrics", type=Path, default=None,
-                        help="the model's `evaluate` metrics JSON: its val_macro_f1 (what "
-                             "picks a default) goes into the comparison")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     params = load_section("evaluate", args.params)
-    val = json.loads(args.metrics.read_text())["val_macro_f1"] if args.metrics else None
     results = run(args.model, args.index, args.base, args.split, args.limit, params)
-    results["val_macro_f1"] = val
     print(f"\nShift benchmark: {args.model} on the {args.split} split ({results['sets'][0]['n']}"
           " images):\n")
     print(table(results))

@@ -49,6 +49,7 @@ def renderers() -> dict:
         "shift-recall": ("shift.json", lambda r: shift.recall_table(r["runs"]["default"])),
         "shift-compare": ("shift.json", lambda r: shift.compare_table(r["runs"])),
         "shift-compare-normal": ("shift.json", lambda r: shift.compare_normal_table(r["runs"])),
+        "shift-seeds": ("shift-seeds.json", lambda r: shift.seeds_table(r["runs"])),
         "devices": ("devices-cuda.json", lambda gpu: main_command.versus(
             json.loads((RESULTS / "main-command.json").read_text()), gpu)),
     }

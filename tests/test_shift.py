@@ -58,3 +58,36 @@ def test_recall_intervals_bracket_the_recall():
     for c, (low, high) in enumerate(intervals):
         recall = np.mean(pred[y == c] == c)
         assert low <= recall <= high and high - low < 0.3
+
+
+def test_the_benchmark_scores_a_trained_model_and_compares_its_runs(trained, tmp_path):
+    """The command end to end on a trained model: every set is scored with and without EM,
+    the run records the model's validation macro-F1, and a second run under another name
+    keeps the first and shows up side by side."""
+    import json
+    import subprocess
+
+    root, out = trained["root"], tmp_path / "shift.json"
+
+    def bench(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks/shift.py"), "--model", str(trained["model"]),
+             "--index", str(root / "artifacts/prepared/index.csv"), "--name", name,
+             "--limit", "12", "--out", str(out), "--params", str(trained["params"])],
+            capture_output=True, text=True, check=True)
+
+    bench("first")
+    second = bench("second")
+    runs = json.loads(out.read_text())["runs"]
+    assert list(runs) == ["first", "second"]
+    val = json.loads((trained["model"] / "val_metrics.json").read_text())["val_macro_f1"]
+    names = [p.name for p in shift.PERTURBATIONS] + [shift.LABEL_SHIFT["name"]]
+    for run in runs.values():
+        assert run["val_macro_f1"] == val
+        assert [s["name"] for s in run["sets"]] == names
+        for s in run["sets"][:-1]:
+            assert s["n"] == 12 and 0 <= s["plain"]["macro_f1"] <= 1
+            assert s["em"]["priors"] and abs(sum(s["em"]["priors"].values()) - 1) < 1e-6
+    assert runs["first"]["sets"][0]["plain"] == runs["second"]["sets"][0]["plain"]
+    assert "| set | first | second |" in second.stdout
+    assert f"**validation macro-F1** (picks) | **{val:.3f}** | **{val:.3f}** |" in second.stdout
