@@ -197,9 +197,11 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    # the project's params with every path under the work folder, on the given data
+    # the project's params with every path under the work folder, on the given data; the
+    # bases stay where they are (the shipped ones, or candidates named by an absolute path)
     write_relocated(args.work, args.params, prepare={"data_dir": str(args.data.resolve())},
-                    base_models={"tiny_dir": str(ROOT / "bases/tiny")})
+                    base_models={"tiny_dir": str(ROOT / load_section("base_models",
+                                                                     args.params).tiny_dir)})
     # variants on real images only; benchmarks/augmentation.py covers the synthetic ones
     variants = [name for name, v in load_section("variants", args.params).items()
                 if v.train_data.endswith(".csv")]
