@@ -9,6 +9,11 @@ classifier variant of params.yaml plus a plain small CNN trained from scratch on
 split (the reference the CLIP path must meet or beat), and prints test accuracy and macro-F1
 with 95% patient-bootstrap intervals, per-class recall, training wall time and peak memory.
 Each model trains in its own process, so peak memory is its own.
+
+    python benchmarks/classifier.py --params candidate.yaml --models real --name NAME
+
+scores a candidate (its own params, e.g. a base of its own in `base_models.tiny_dir`) as one
+named run in results/classifier-candidates.json, with what it changed from params.yaml.
 """
 
 from __future__ import annotations
@@ -177,6 +182,34 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def changed_params(params: Path) -> dict[str, str]:
+    """What `params` sets differently from the project's params.yaml, the bases' location
+    aside: what a named candidate run is."""
+    from pneumoclip.config import read_yaml
+    from pneumoclip.tracking import flatten
+
+    mine, project = (flatten(read_yaml(p)) for p in (params, ROOT / "params.yaml"))
+    return {k: mine.get(k, "(unset)") for k in sorted(set(mine) | set(project))
+            if mine.get(k) != project.get(k) and k != "base_models.tiny_dir"}
+
+
+def candidates_table(runs: dict) -> str:
+    """Markdown: one row per named run, its first CLIP variant's scores and what it changed."""
+    lines = ["| candidate | changed from params.yaml | test macro-F1 [95% CI] | recall NORMAL / "
+             "BACTERIA / VIRUS | zero-shot test macro-F1 | **val macro-F1** (picks) |",
+             "| --- | --- | --- | --- | ---: | ---: |"]
+    for name, run in runs.items():
+        r = next(x for x in run["rows"] if "zero_shot" in x)
+        t = r["test"]
+        changed = ", ".join(f"`{k}={v}`".replace("|", "\\|")  # a regex's | splits cells
+                            for k, v in run["changed"].items()) or "nothing"
+        recall = " / ".join(f"{t['per_class'][c]['recall']:.2f}" for c in CLASSES)
+        lines.append(f"| {name} | {changed} | {t['macro_f1']:.3f} [{t['macro_f1_ci95'][0]:.3f}, "
+                     f"{t['macro_f1_ci95'][1]:.3f}] | {recall} | "
+                     f"{r['zero_shot']['macro_f1']:.3f} | **{r['val_macro_f1']:.3f}** |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
@@ -184,8 +217,12 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--models", nargs="*", default=None,
                         help="variants and/or cnn to (re)run; default: every variant and cnn")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/classifier.json",
-                        help="where the rows are written as JSON (the docs' tables read it)")
+    parser.add_argument("--name", help="store this run as one named candidate in --out "
+                        "(default then: results/classifier-candidates.json), with the params "
+                        "it changes from params.yaml; other names' runs are kept")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the rows are written as JSON (the docs' tables read it; "
+                        "default: results/classifier.json)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one model, print JSON
     args = parser.parse_args()
     args.work = args.work.resolve()
@@ -225,10 +262,17 @@ def main() -> None:
     print("\nTiny CPU profile (the shipped pretrained tiny bases), "
           f"{torch.get_num_threads()} threads, test split of {results[0]['test']['n']} images:\n")
     print(table(results))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"profile": "tiny CPU", "threads": torch.get_num_threads(),
-                                    "rows": results}, indent=2) + "\n")
-    print(f"\nwritten: {args.out}")
+    record = {"profile": "tiny CPU", "threads": torch.get_num_threads(), "rows": results}
+    out = args.out or ROOT / "benchmarks/results" / (
+        "classifier-candidates.json" if args.name else "classifier.json")
+    if args.name:
+        stored = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
+        stored["runs"][args.name] = record | {"changed": changed_params(args.params)}
+        record = stored
+        print("\n" + candidates_table(stored["runs"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwritten: {out}" + (f" (run {args.name!r})" if args.name else ""))
 
 
 if __name__ == "__main__":
