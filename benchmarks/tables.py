@@ -35,6 +35,8 @@ def renderers() -> dict:
     return {
         "headline": ("classifier.json", lambda r: classifier.table(r["rows"])),
         "classifier": ("classifier.json", lambda r: classifier.table(r["rows"])),
+        "classifier-candidates": ("classifier-candidates.json",
+                                  lambda r: classifier.candidates_table(r["runs"])),
         "augmentation": ("augmentation.json", augmentation.variant_table),
         "synthetic-classes": ("augmentation.json", augmentation.quality_table),
         "serving": ("serving.json", serving.table),
@@ -47,8 +49,11 @@ def renderers() -> dict:
         "sample-seeds": ("sample-scores.json", sample_scores.seeds_table),
         "shift": ("shift.json", lambda r: shift.table(r["runs"]["default"])),
         "shift-recall": ("shift.json", lambda r: shift.recall_table(r["runs"]["default"])),
-        "shift-compare": ("shift.json", lambda r: shift.compare_table(r["runs"])),
-        "shift-compare-normal": ("shift.json", lambda r: shift.compare_normal_table(r["runs"])),
+        "shift-base": ("shift.json", lambda r: shift.compare_table(r["runs"])),
+        "shift-base-normal": ("shift.json", lambda r: shift.compare_normal_table(r["runs"])),
+        "shift-compare": ("shift-candidates.json", lambda r: shift.compare_table(r["runs"])),
+        "shift-compare-normal": ("shift-candidates.json",
+                                 lambda r: shift.compare_normal_table(r["runs"])),
         "shift-seeds": ("shift-seeds.json", lambda r: shift.seeds_table(r["runs"])),
         "devices": ("devices-cuda.json", lambda gpu: main_command.versus(
             json.loads((RESULTS / "main-command.json").read_text()), gpu)),
